@@ -1,0 +1,26 @@
+"""Developer sessions: ``nox`` runs lint and test; ``nox -s test`` just the tests."""
+
+from __future__ import annotations
+
+import nox
+
+nox.options.sessions = ["lint", "test"]
+nox.options.reuse_existing_virtualenvs = True
+
+SOURCES = ["trio_upper", "tests", "noxfile.py"]
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    """ruff check, ruff format --check, and mypy --strict on the package."""
+    session.install("-e", ".[lint]")
+    session.run("ruff", "check", *SOURCES)
+    session.run("ruff", "format", "--check", *SOURCES)
+    session.run("mypy", "--strict", "trio_upper")
+
+
+@nox.session
+def test(session: nox.Session) -> None:
+    """The test suite (pytest, pytest-trio, hypothesis)."""
+    session.install("-e", ".[test]")
+    session.run("pytest", *session.posargs)

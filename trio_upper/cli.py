@@ -1,0 +1,327 @@
+"""The command line: ``python -m trio_upper serve|tcp|udp`` (or ``trio-upper``).
+
+This module only plugs things together: it parses flags, sets up logging,
+connects the server to signals and the clients to stdin/stdout, and turns
+every failure into one line on stderr and an exit status. No traceback
+reaches the user unless they ask for one with ``-v``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+
+import trio
+
+from . import __version__
+from .client import (
+    DEFAULT_CONNECT_TIMEOUT,
+    DEFAULT_HOST,
+    DEFAULT_RETRIES,
+    DEFAULT_TCP_TIMEOUT,
+    DEFAULT_UDP_TIMEOUT,
+    FdReceiveStream,
+    FdSendStream,
+    LineSource,
+    connect_tcp,
+    pipe_line_reader,
+    read_terminal_line,
+    resolve_udp,
+    tcp_interactive,
+    tcp_stream,
+    udp_session,
+)
+from .errors import UserError, leaves
+from .server import DEFAULT_GRACE, DEFAULT_PORT, ServerConfig, UpperServer
+from .udp import MAX_PAYLOAD_IPV6
+
+__all__ = ["build_parser", "main"]
+
+# Exit statuses: 1 for any error, 2 for bad usage (argparse's own), and the
+# shell's 128 + SIGINT for a client interrupted with Ctrl-C.
+EXIT_ERROR = 1
+EXIT_INTERRUPTED = 130
+
+_STDIN, _STDOUT = 0, 1
+
+
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"port must be 0-65535, not {port}")
+    return port
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"seconds must be 0 or more, not {text}")
+    return value
+
+
+def _positive_seconds(text: str) -> float:
+    value = _seconds(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("seconds must be more than 0")
+    return value
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, not {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser for every command."""
+    common = argparse.ArgumentParser(add_help=False)
+    noise = common.add_mutually_exclusive_group()
+    noise.add_argument(
+        "-v", "--verbose", action="store_true", help="log each connection and error (debug)"
+    )
+    noise.add_argument("-q", "--quiet", action="store_true", help="print errors only")
+
+    defaults = argparse.ArgumentDefaultsHelpFormatter
+    parser = argparse.ArgumentParser(
+        prog="trio-upper",
+        description="The lecture's uppercase service over TCP and UDP, built on trio.",
+        epilog="Run 'trio-upper COMMAND --help' for a command's options.",
+    )
+    parser.add_argument("--version", action="version", version=f"trio-upper {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = commands.add_parser(
+        "serve",
+        parents=[common],
+        formatter_class=defaults,
+        help="run the server (TCP and UDP on one port)",
+        description="Serve uppercase on TCP and UDP. Ctrl-C or SIGTERM stops it: "
+        "new connections are refused at once, open ones get the grace period.",
+    )
+    serve.add_argument(
+        "--host",
+        default=None,
+        help="address or name to listen on (default: all interfaces, IPv4 and IPv6)",
+    )
+    serve.add_argument(
+        "-p",
+        "--port",
+        type=_port,
+        default=DEFAULT_PORT,
+        help="port for both TCP and UDP; 0 lets the OS choose",
+    )
+    only = serve.add_mutually_exclusive_group()
+    only.add_argument("--tcp-only", action="store_true", help="serve TCP only")
+    only.add_argument("--udp-only", action="store_true", help="serve UDP only")
+    serve.add_argument(
+        "--ascii",
+        action="store_true",
+        help="uppercase only a-z, byte for byte, as the lecture did "
+        "(default: all of Unicode in UTF-8 text)",
+    )
+    serve.add_argument(
+        "--grace",
+        type=_seconds,
+        default=DEFAULT_GRACE,
+        metavar="SECONDS",
+        help="on Ctrl-C or SIGTERM, how long open connections may finish",
+    )
+    serve.set_defaults(run=_serve)
+
+    tcp = commands.add_parser(
+        "tcp",
+        parents=[common],
+        formatter_class=defaults,
+        help="TCP client: prompt for lines, or copy stdin like nc",
+        description="Send lines to the server over TCP and print the replies. "
+        "On a terminal it prompts for each line; with a pipe or file on stdin "
+        "it streams stdin to the server and the replies to stdout.",
+    )
+    _client_target(tcp)
+    tcp.add_argument(
+        "--timeout",
+        type=_positive_seconds,
+        default=DEFAULT_TCP_TIMEOUT,
+        metavar="SECONDS",
+        help="longest wait for the server to reply or read",
+    )
+    tcp.add_argument(
+        "--connect-timeout",
+        type=_positive_seconds,
+        default=DEFAULT_CONNECT_TIMEOUT,
+        metavar="SECONDS",
+        help="longest wait to connect",
+    )
+    tcp.set_defaults(run=_tcp)
+
+    udp = commands.add_parser(
+        "udp",
+        parents=[common],
+        formatter_class=defaults,
+        help="UDP client: one datagram per line, with retries",
+        description="Send each line (without its line ending) as one datagram "
+        "and print each reply on a line. A lost datagram is sent again.",
+    )
+    _client_target(udp)
+    udp.add_argument(
+        "--timeout",
+        type=_positive_seconds,
+        default=DEFAULT_UDP_TIMEOUT,
+        metavar="SECONDS",
+        help="wait for a reply to the first try; each retry waits twice as long",
+    )
+    udp.add_argument(
+        "--retries",
+        type=_count,
+        default=DEFAULT_RETRIES,
+        metavar="N",
+        help="tries after the first before giving up on a line",
+    )
+    udp.set_defaults(run=_udp)
+    return parser
+
+
+def _client_target(command: argparse.ArgumentParser) -> None:
+    command.add_argument(
+        "host", nargs="?", default=DEFAULT_HOST, metavar="HOST", help="server name or address"
+    )
+    command.add_argument("-p", "--port", type=_port, default=DEFAULT_PORT, help="server port")
+
+
+def _say(args: argparse.Namespace, message: str) -> None:
+    if not args.quiet:
+        print(message, flush=True)
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+async def _serve(args: argparse.Namespace) -> None:
+    config = ServerConfig(
+        host=args.host,
+        port=args.port,
+        tcp=not args.udp_only,
+        udp=not args.tcp_only,
+        ascii_only=args.ascii,
+        grace=args.grace,
+    )
+    server = UpperServer(config)
+    # Signals are caught from before binding, so that a Ctrl-C at any moment
+    # is a shutdown and never a KeyboardInterrupt traceback.
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+
+            async def run(task_status: trio.TaskStatus[list[str]]) -> None:
+                await server.run(task_status=task_status)
+                nursery.cancel_scope.cancel()
+
+            served: list[str] = await nursery.start(run)
+            _say(args, f"Serving uppercase on {', '.join(served)} (Ctrl-C to stop)")
+            async for signum in signals:
+                if server.stopping:
+                    _say(args, "Stopping now.")
+                    server.shutdown(grace=0)
+                    continue
+                server.shutdown()
+                name = signal.Signals(signum).name
+                if server.stats.active:
+                    _say(
+                        args,
+                        f"{name}: refusing new connections; waiting up to {config.grace:g} s "
+                        f"for {_plural(server.stats.active, 'open connection')} "
+                        "(Ctrl-C again to stop now)",
+                    )
+    stats = server.stats
+    summary = (
+        f"Stopped: served {_plural(stats.connections, 'TCP connection')} and "
+        f"{_plural(stats.datagrams, 'datagram')}"
+    )
+    if stats.cut_off:
+        summary += (
+            f"; {_plural(stats.cut_off, 'connection')} cut off at the end of the grace period"
+        )
+    _say(args, summary + ".")
+
+
+async def _tcp(args: argparse.Namespace) -> None:
+    stream = await connect_tcp(args.host, args.port, timeout=args.connect_timeout)
+    stdout = FdSendStream(_STDOUT)
+    if os.isatty(_STDIN):
+        await tcp_interactive(stream, read_terminal_line, stdout.send_all, timeout=args.timeout)
+    else:
+        await tcp_stream(stream, FdReceiveStream(_STDIN), stdout, timeout=args.timeout)
+
+
+async def _udp(args: argparse.Namespace) -> None:
+    addresses = await resolve_udp(args.host, args.port)
+    read_line: LineSource
+    if os.isatty(_STDIN):
+        read_line = read_terminal_line
+    else:
+        read_line = pipe_line_reader(_STDIN, MAX_PAYLOAD_IPV6)
+    await udp_session(
+        addresses,
+        read_line,
+        FdSendStream(_STDOUT).send_all,
+        where=f"{args.host} port {args.port}",
+        timeout=args.timeout,
+        retries=args.retries,
+    )
+
+
+def _configure_logging(args: argparse.Namespace) -> None:
+    level = logging.DEBUG if args.verbose else logging.ERROR if args.quiet else logging.WARNING
+    logging.basicConfig(
+        level=level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+
+
+def _exit_status(exc: BaseException, verbose: bool) -> int:
+    """Report what stopped the program in one line; return the exit status."""
+    found = leaves(exc)
+    if any(isinstance(e, KeyboardInterrupt) for e in found):
+        # Ctrl-C at a client's prompt: leave the terminal on a fresh line.
+        print(file=sys.stderr)
+        return EXIT_INTERRUPTED
+    for error in found:
+        if isinstance(error, UserError):
+            print(f"trio-upper: error: {error}", file=sys.stderr)
+            return EXIT_ERROR
+    first = found[0]
+    if verbose:
+        logging.getLogger("trio_upper").error("internal error", exc_info=first)
+    print(
+        f"trio-upper: internal error: {type(first).__name__}: {first} "
+        "(run with -v for the traceback)",
+        file=sys.stderr,
+    )
+    return EXIT_ERROR
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; return the exit status."""
+    args = build_parser().parse_args(argv)
+    _configure_logging(args)
+    run: Callable[[argparse.Namespace], Awaitable[None]] = args.run
+    try:
+        trio.run(run, args)
+    except BaseException as exc:  # the top: report and exit
+        return _exit_status(exc, args.verbose)
+    return 0

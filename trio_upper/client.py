@@ -1,0 +1,479 @@
+"""The two clients: TCP and UDP, with every wait for the server bounded.
+
+Each client is a session function that takes its transport and its terminal
+as arguments (a :class:`trio.abc.Stream` or a datagram socket factory; a line
+reader, or a pair of byte streams), so the tests drive them over in-memory
+streams and fake sockets under a mock clock. :mod:`trio_upper.cli` plugs in
+the real network and the real stdin/stdout.
+
+Every failure the user can cause or meet (refused, unreachable, DNS failure,
+timeout, server closed early) is raised as :class:`~trio_upper.errors.UserError`
+with a one-line message.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import socket
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Protocol
+
+import trio
+
+from .errors import UserError, leaves
+from .udp import RECEIVE_SIZE as DATAGRAM_RECEIVE_SIZE
+from .udp import max_payload
+
+__all__ = [
+    "DEFAULT_CONNECT_TIMEOUT",
+    "DEFAULT_HOST",
+    "DEFAULT_RETRIES",
+    "DEFAULT_TCP_TIMEOUT",
+    "DEFAULT_UDP_TIMEOUT",
+    "PROMPT",
+    "FdReceiveStream",
+    "FdSendStream",
+    "LineSource",
+    "connect_tcp",
+    "resolve_udp",
+    "tcp_interactive",
+    "tcp_stream",
+    "udp_ask",
+    "udp_session",
+]
+
+logger = logging.getLogger("trio_upper.client")
+
+# As in the lecture.
+DEFAULT_HOST = "localhost"
+PROMPT = "Input lowercase sentence: "
+
+# A TCP server answers each read at once, so seconds of silence mean trouble;
+# five is generous for a slow network and short for a person waiting.
+DEFAULT_CONNECT_TIMEOUT = 5.0
+DEFAULT_TCP_TIMEOUT = 5.0
+
+# UDP loses datagrams, so a short first wait and a few retries with doubling
+# waits (1 + 2 + 4 s by default) beat one long wait.
+DEFAULT_UDP_TIMEOUT = 1.0
+DEFAULT_RETRIES = 2
+_BACKOFF = 2.0
+
+# Bytes read from stdin at a time in stream mode. Together with send_all's
+# back-pressure this bounds the client's memory for inputs of any size.
+_CHUNK = 65536
+
+# A line source returns the next line without its line ending, or None at EOF.
+LineSource = Callable[[], Awaitable[bytes | None]]
+
+
+def _reason(exc: OSError) -> str:
+    """The plain reason inside an OSError, digging through trio's
+    "all attempts to connect failed" wrapper to the errors of each attempt."""
+    if exc.__cause__ is not None:
+        reasons = [_reason(e) for e in leaves(exc.__cause__) if isinstance(e, OSError)]
+        if reasons:
+            return "; ".join(dict.fromkeys(reasons))
+    if exc.errno is not None:
+        # trio's per-attempt errors carry the address in strerror; os.strerror
+        # gives the bare reason ("Connection refused").
+        return os.strerror(exc.errno)
+    return exc.strerror or str(exc)
+
+
+async def connect_tcp(host: str, port: int, *, timeout: float) -> trio.SocketStream:
+    """Open a TCP connection, giving up after ``timeout`` seconds.
+
+    Raises:
+      UserError: DNS failure, refused, unreachable or timed out.
+    """
+    try:
+        with trio.fail_after(timeout):
+            return await trio.open_tcp_stream(host, port)
+    except trio.TooSlowError:
+        raise UserError(
+            f"timed out after {timeout:g} s connecting to {host} port {port}"
+        ) from None
+    except socket.gaierror as exc:
+        raise UserError(f"cannot resolve host {host!r}: {exc.strerror}") from None
+    except OSError as exc:
+        raise UserError(f"cannot connect to {host} port {port}: {_reason(exc)}") from None
+
+
+class _LineCount:
+    """Counts lines in a byte stream fed in pieces; a last line without a
+    newline counts too. The transform never adds or removes a newline, so a
+    complete reply has exactly as many lines as the request."""
+
+    def __init__(self) -> None:
+        self.newlines = 0
+        self.open_line = False
+
+    def add(self, data: bytes) -> None:
+        if data:
+            self.newlines += data.count(b"\n")
+            self.open_line = not data.endswith(b"\n")
+
+    @property
+    def lines(self) -> int:
+        return self.newlines + self.open_line
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+async def _receive(stream: trio.abc.ReceiveStream) -> bytes:
+    """One read from the server; a reset connection reads as end of stream,
+    so that the caller reports what was and was not answered."""
+    try:
+        return bytes(await stream.receive_some())
+    except trio.BrokenResourceError as exc:
+        logger.debug("connection lost: %s", exc.__cause__ or exc)
+        return b""
+
+
+async def _send(stream: trio.abc.SendStream, data: bytes, timeout: float) -> bool:
+    """Send within ``timeout``; False if the server has closed the connection."""
+    try:
+        with trio.fail_after(timeout):
+            await stream.send_all(data)
+    except trio.TooSlowError:
+        raise UserError(f"the server did not take our data within {timeout:g} s") from None
+    except trio.BrokenResourceError as exc:
+        logger.debug("connection lost: %s", exc.__cause__ or exc)
+        return False
+    return True
+
+
+async def tcp_interactive(
+    stream: trio.abc.Stream,
+    read_line: LineSource,
+    write: Callable[[bytes], Awaitable[object]],
+    *,
+    timeout: float = DEFAULT_TCP_TIMEOUT,
+) -> int:
+    """The lecture's TCPClient, repeated: for each line, send it with a
+    newline, wait for the reply line, and write it.
+
+    Returns:
+      The number of lines answered.
+
+    Resource handling:
+      ``stream`` is closed on return.
+
+    Raises:
+      UserError: no reply within ``timeout`` seconds, or the server closed the
+          connection before answering a line (its partial reply, if any, is
+          written first).
+    """
+    answered = 0
+    pending = b""
+    async with stream:
+        while (line := await read_line()) is not None:
+            sent = await _send(stream, line + b"\n", timeout)
+            with trio.move_on_after(timeout) as waiting:
+                while b"\n" not in pending and (data := await _receive(stream)):
+                    pending += data
+            if waiting.cancelled_caught:
+                raise UserError(f"no reply from the server within {timeout:g} s")
+            reply, newline, pending = pending.partition(b"\n")
+            if reply or newline:
+                await write(reply + newline)
+            if not (sent and newline):
+                raise UserError(
+                    "the server closed the connection; "
+                    f"{_plural(answered, 'line')} answered, the last line was not"
+                )
+            answered += 1
+    return answered
+
+
+async def tcp_stream(
+    stream: trio.abc.HalfCloseableStream,
+    source: trio.abc.ReceiveStream,
+    sink: trio.abc.SendStream,
+    *,
+    timeout: float = DEFAULT_TCP_TIMEOUT,
+) -> None:
+    """Like ``nc``: copy ``source`` to the server and the server's bytes to
+    ``sink``, both at once; half-close after the end of ``source``; return
+    when the server ends its reply stream.
+
+    The timeout bounds each send (a server that stops reading) and, once all
+    of ``source`` has been sent, each wait for more reply. While ``source``
+    is still open the client is waiting for its input, not for the server.
+
+    Memory stays bounded whatever the input size: at most one chunk is in
+    hand in each direction, and ``send_all`` waits for the server to read.
+
+    Resource handling:
+      ``stream`` is closed on return; ``source`` and ``sink`` are left open.
+
+    Raises:
+      UserError: timeout, or the server closed the connection before
+          answering every line of input (what it did send is written first).
+    """
+    sent = _LineCount()
+    answered = _LineCount()
+    all_sent = False
+    # The scope of the read in progress, so that the end of input can put a
+    # deadline on a read that started while input was still flowing.
+    reading = trio.CancelScope()
+
+    async def pump() -> None:
+        nonlocal all_sent
+        while data := bytes(await source.receive_some(_CHUNK)):
+            if not await _send(stream, data, timeout):
+                return
+            sent.add(data)
+        try:
+            await stream.send_eof()
+        except trio.BrokenResourceError:
+            return
+        all_sent = True
+        reading.deadline = trio.current_time() + timeout
+
+    async with stream, trio.open_nursery() as nursery:
+        nursery.start_soon(pump)
+        while True:
+            with trio.CancelScope() as reading:
+                if all_sent:
+                    reading.deadline = trio.current_time() + timeout
+                data = await _receive(stream)
+            if reading.cancelled_caught:
+                raise UserError(f"no reply from the server within {timeout:g} s")
+            if not data:
+                break
+            answered.add(data)
+            await sink.send_all(data)
+        # The server is done talking; input it will never read is moot.
+        nursery.cancel_scope.cancel()
+
+    if not all_sent:
+        raise UserError(
+            "the server closed the connection before all input was sent; "
+            f"{_plural(answered.lines, 'line')} answered"
+        )
+    if answered.lines < sent.lines:
+        raise UserError(
+            "the server closed the connection early; "
+            f"{answered.lines} of {_plural(sent.lines, 'line')} answered"
+        )
+
+
+# --- UDP ---------------------------------------------------------------------
+
+
+class DatagramSocket(Protocol):
+    """The part of :class:`trio.socket.SocketType` the UDP client uses, so
+    tests can hand it a fake network."""
+
+    def connect(self, address: tuple[object, ...], /) -> Awaitable[None]: ...
+    def send(self, data: bytes, /) -> Awaitable[int]: ...
+    def recv(self, bufsize: int, /) -> Awaitable[bytes]: ...
+    def close(self) -> None: ...
+
+
+# Makes a new UDP socket for an address family.
+SocketFactory = Callable[[int], DatagramSocket]
+
+
+def _udp_socket(family: int) -> DatagramSocket:
+    return trio.socket.socket(family, socket.SOCK_DGRAM)
+
+
+Address = tuple[int, tuple[object, ...]]  # (family, sockaddr)
+
+
+async def resolve_udp(host: str, port: int) -> list[Address]:
+    """The addresses to try for ``host``, in the resolver's order.
+
+    Raises:
+      UserError: the name does not resolve.
+    """
+    try:
+        infos = await trio.socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+    except socket.gaierror as exc:
+        raise UserError(f"cannot resolve host {host!r}: {exc.strerror}") from None
+    return [(family, sockaddr) for family, _, _, _, sockaddr in infos]
+
+
+async def udp_ask(
+    sock: DatagramSocket, request: bytes, *, timeout: float, retries: int
+) -> bytes | None:
+    """Send ``request`` on a connected socket and return the first reply.
+
+    Try ``retries + 1`` times, waiting ``timeout`` seconds after the first
+    send and twice as long after each retry.
+
+    Returns:
+      The reply, or None if no try got one.
+
+    Raises:
+      ConnectionRefusedError: the OS reported that nothing listens there (an
+          ICMP port unreachable), which makes waiting pointless.
+    """
+    for attempt in range(retries + 1):
+        await sock.send(request)
+        with trio.move_on_after(timeout * _BACKOFF**attempt):
+            return await sock.recv(DATAGRAM_RECEIVE_SIZE)
+        logger.debug("no reply to try %d", attempt + 1)
+    return None
+
+
+def _total_wait(timeout: float, retries: int) -> float:
+    return math.fsum(timeout * _BACKOFF**attempt for attempt in range(retries + 1))
+
+
+async def udp_session(
+    addresses: Sequence[Address],
+    read_line: LineSource,
+    write: Callable[[bytes], Awaitable[object]],
+    *,
+    where: str,
+    timeout: float = DEFAULT_UDP_TIMEOUT,
+    retries: int = DEFAULT_RETRIES,
+    new_socket: SocketFactory = _udp_socket,
+) -> int:
+    """The lecture's UDPClient, repeated: each line is one datagram, and each
+    reply is written followed by a newline.
+
+    Every line gets a fresh socket, so a late reply to an earlier line, which
+    arrives at the earlier socket's port, can never be taken for the answer to
+    a later one. Addresses are tried in order (``localhost`` is often ``::1``
+    first, and the server may be IPv4 only); the first that does not refuse is
+    kept for the lines after.
+
+    Args:
+      addresses: From :func:`resolve_udp`.
+      where: ``"HOST port PORT"``, for messages.
+
+    Returns:
+      The number of lines answered.
+
+    Raises:
+      UserError: a line too long for one datagram, no server (refused), or no
+          reply after every retry.
+    """
+    candidates = list(addresses)
+    answered = 0
+    while (line := await read_line()) is not None:
+        reply: bytes | None = None
+        failures: list[OSError] = []
+        for family, sockaddr in list(candidates):
+            if len(line) > max_payload(family):
+                raise UserError(
+                    f"line {answered + 1} is longer than one datagram can carry "
+                    f"({max_payload(family)} bytes)"
+                )
+            sock = new_socket(family)
+            try:
+                await sock.connect(sockaddr)
+                reply = await udp_ask(sock, line, timeout=timeout, retries=retries)
+            except OSError as exc:
+                # Refused (ICMP port unreachable) or unreachable: nothing
+                # answers there, so try the next address and drop this one.
+                logger.debug("%s: %s; trying the next address", sockaddr, exc)
+                failures.append(exc)
+                candidates.remove((family, sockaddr))
+                continue
+            finally:
+                sock.close()
+            if reply is None:
+                raise UserError(
+                    f"no reply from {where} after {_plural(retries + 1, 'try')} "
+                    f"over {_total_wait(timeout, retries):g} s"
+                )
+            break
+        if reply is None:
+            if failures and all(isinstance(e, ConnectionRefusedError) for e in failures):
+                raise UserError(f"no UDP server at {where}: connection refused")
+            reason = _reason(failures[-1]) if failures else "no address to try"
+            raise UserError(f"cannot reach {where}: {reason}")
+        await write(reply + b"\n")
+        answered += 1
+    return answered
+
+
+# --- Local input and output ---------------------------------------------------
+
+
+class FdReceiveStream(trio.abc.ReceiveStream):
+    """Reads a file descriptor (stdin) in a worker thread.
+
+    A thread, unlike :class:`trio.lowlevel.FdStream`, works for regular files
+    as well as pipes and terminals. A read blocked on an idle pipe is
+    abandoned on cancellation, so the client can always exit.
+    """
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        return await trio.to_thread.run_sync(
+            os.read, self._fd, max_bytes or _CHUNK, abandon_on_cancel=True
+        )
+
+    async def aclose(self) -> None:
+        await trio.lowlevel.checkpoint()
+
+
+class FdSendStream(trio.abc.SendStream):
+    """Writes a file descriptor (stdout) in a worker thread, all of each
+    chunk, so a slow reader of our output slows us down instead of filling
+    memory."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+
+    def _write_all(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self._fd, view) :]
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        try:
+            await trio.to_thread.run_sync(self._write_all, bytes(data))
+        except OSError as exc:
+            raise UserError(f"cannot write output: {exc.strerror}") from None
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await trio.lowlevel.checkpoint()
+
+    async def aclose(self) -> None:
+        await trio.lowlevel.checkpoint()
+
+
+async def read_terminal_line() -> bytes | None:
+    """Prompt on the terminal, as the lecture does; None at Ctrl-D."""
+
+    def ask() -> bytes | None:
+        try:
+            return input(PROMPT).encode("utf-8", "surrogateescape")
+        except EOFError:
+            return None
+
+    return await trio.to_thread.run_sync(ask, abandon_on_cancel=True)
+
+
+def pipe_line_reader(fd: int, limit: int) -> LineSource:
+    """A line source over a pipe or file: lines without their ending (``\\n``
+    or ``\\r\\n``). Reads at most ``limit + 2`` bytes per line, so an endless
+    line cannot fill memory; a longer line comes back cut at that size."""
+    file = os.fdopen(os.dup(fd), "rb")
+
+    async def read_line() -> bytes | None:
+        line: bytes = await trio.to_thread.run_sync(
+            file.readline, limit + 2, abandon_on_cancel=True
+        )
+        if not line:
+            file.close()
+            return None
+        if line.endswith(b"\n"):
+            line = line[:-2] if line.endswith(b"\r\n") else line[:-1]
+        return line
+
+    return read_line

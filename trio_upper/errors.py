@@ -1,0 +1,26 @@
+"""The one exception type whose message is meant for the user."""
+
+from __future__ import annotations
+
+import sys
+
+if sys.version_info < (3, 11):  # pragma: no cover - trio installs the backport
+    from exceptiongroup import BaseExceptionGroup
+
+__all__ = ["UserError", "leaves"]
+
+
+class UserError(Exception):
+    """A failure the user can act on, with a complete one-line message.
+
+    The CLI prints ``str(error)`` on stderr and exits with status 1; nothing
+    else is shown, so the message must say what failed and why.
+    """
+
+
+def leaves(exc: BaseException) -> list[BaseException]:
+    """The exceptions inside ``exc``, with every (nested) exception group
+    opened: trio's nurseries wrap whatever their tasks raise in groups."""
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for inner in exc.exceptions for leaf in leaves(inner)]
+    return [exc]

@@ -1,0 +1,313 @@
+"""The server: TCP and UDP on one port, under one nursery.
+
+The task tree, from the top::
+
+    UpperServer.serve
+    └── handler scope (deadline set at shutdown: the grace period)
+        └── handlers nursery: one handle_stream task per TCP connection
+            └── accepting scope (cancelled at shutdown: stop accepting at once)
+                └── accepting nursery
+                    ├── trio.serve_listeners: accepts, starts handlers above
+                    └── serve_udp, one per bound UDP socket
+
+Shutdown is nothing but cancellation: :meth:`UpperServer.shutdown` cancels the
+accepting scope, which closes the listeners and UDP sockets, and gives the
+handler scope a deadline. Open connections finish on their own before it or
+are cancelled at it; then :meth:`UpperServer.serve` returns.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import socket
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import partial
+
+import trio
+
+from .errors import UserError
+from .tcp import handle_stream
+from .udp import serve_udp
+
+__all__ = [
+    "DEFAULT_GRACE",
+    "DEFAULT_PORT",
+    "ServerConfig",
+    "ServerStats",
+    "UpperServer",
+    "bind",
+]
+
+logger = logging.getLogger("trio_upper.server")
+
+# The lecture's port.
+DEFAULT_PORT = 12000
+
+# Long enough for a request in flight to be answered, short enough that a
+# stopped service is gone before an impatient person presses Ctrl-C again.
+DEFAULT_GRACE = 5.0
+
+# With --port 0 the OS picks a free TCP port, and UDP (and the other address
+# family) must then bind that same number. Something else may hold it on UDP,
+# or grab it in between: try a few fresh ports before giving up.
+_PORT_ZERO_ATTEMPTS = 10
+
+_TcpListener = trio.abc.Listener[trio.SocketStream]
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Everything a user can set on the server (see ``serve --help``).
+
+    ``host=None`` means every interface, IPv4 and IPv6 where available.
+    """
+
+    host: str | None = None
+    port: int = DEFAULT_PORT
+    tcp: bool = True
+    udp: bool = True
+    ascii_only: bool = False
+    grace: float = DEFAULT_GRACE
+
+
+@dataclass
+class ServerStats:
+    """What a server did, for its closing summary."""
+
+    connections: int = 0
+    active: int = 0
+    cut_off: int = 0
+    datagrams: int = 0
+
+    def count_datagram(self, size: int) -> None:
+        self.datagrams += 1
+
+
+def format_address(protocol: str, sockaddr: tuple[object, ...]) -> str:
+    """``tcp 0.0.0.0:12000`` or ``udp [::]:12000``."""
+    host, port = str(sockaddr[0]), sockaddr[1]
+    if ":" in host:
+        host = f"[{host}]"
+    return f"{protocol} {host}:{port}"
+
+
+def _describe_listener(listener: trio.abc.Listener[trio.SocketStream]) -> str:
+    if isinstance(listener, trio.SocketListener):
+        return format_address("tcp", listener.socket.getsockname())
+    return f"tcp <{type(listener).__name__}>"
+
+
+def _where(host: str | None, port: int) -> str:
+    return f"{host or 'all interfaces'} port {port}"
+
+
+async def _bind_udp(host: str | None, port: int) -> list[trio.socket.SocketType]:
+    """Bind a UDP socket on every address ``host`` resolves to, as
+    :func:`trio.open_tcp_listeners` does for TCP (same families, same rules)."""
+    addresses = await trio.socket.getaddrinfo(
+        host, port, type=socket.SOCK_DGRAM, flags=socket.AI_PASSIVE
+    )
+    sockets: list[trio.socket.SocketType] = []
+    try:
+        for family, type_, proto, _, sockaddr in addresses:
+            try:
+                sock = trio.socket.socket(family, type_, proto)
+            except OSError as exc:
+                # As in trio: a family the system lacks is fine as long as
+                # some other family works.
+                if exc.errno == errno.EAFNOSUPPORT:
+                    continue
+                raise
+            sockets.append(sock)
+            # No SO_REUSEADDR on UDP: on Linux it would let a second server
+            # bind the same port silently and steal half the datagrams.
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            await sock.bind(sockaddr)
+    except BaseException:
+        for sock in sockets:
+            sock.close()
+        raise
+    if not sockets:
+        raise OSError(errno.EAFNOSUPPORT, "no usable address family")
+    return sockets
+
+
+async def _bind_at(
+    config: ServerConfig, port: int
+) -> tuple[list[_TcpListener], list[trio.socket.SocketType]]:
+    listeners: list[_TcpListener] = []
+    if config.tcp:
+        listeners.extend(await trio.open_tcp_listeners(port, host=config.host))
+    try:
+        udp_sockets = await _bind_udp(config.host, port) if config.udp else []
+    except BaseException:
+        for listener in listeners:
+            await trio.aclose_forcefully(listener)
+        raise
+    return listeners, udp_sockets
+
+
+async def _free_port(host: str | None) -> int:
+    probe = await trio.open_tcp_listeners(0, host=host)
+    port: int = probe[0].socket.getsockname()[1]
+    for listener in probe:
+        await trio.aclose_forcefully(listener)
+    return port
+
+
+async def bind(
+    config: ServerConfig,
+) -> tuple[list[_TcpListener], list[trio.socket.SocketType]]:
+    """Bind everything ``config`` asks for, all on one port number.
+
+    This is the first half of :func:`trio.serve_tcp` (its
+    :func:`trio.open_tcp_listeners`) plus the UDP sockets, done as one step so
+    that the server is either listening on everything or on nothing.
+
+    Returns:
+      The TCP listeners and the UDP sockets; the caller owns both.
+
+    Raises:
+      UserError: the host does not resolve, or a bind failed (port in use,
+          permission denied, address not available); nothing stays bound.
+    """
+    try:
+        if config.port != 0:
+            return await _bind_at(config, config.port)
+        for _ in range(_PORT_ZERO_ATTEMPTS):
+            try:
+                return await _bind_at(config, await _free_port(config.host))
+            except OSError as exc:
+                if exc.errno != errno.EADDRINUSE:
+                    raise
+        raise OSError(errno.EADDRINUSE, "no port was free on both TCP and UDP")
+    except socket.gaierror as exc:
+        raise UserError(f"cannot resolve host {config.host!r}: {exc.strerror}") from exc
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise UserError(f"cannot serve on {_where(config.host, config.port)}: {reason}") from exc
+
+
+class UpperServer:
+    """The uppercase service: TCP and UDP, run under one nursery.
+
+    Use it once: ``await nursery.start(server.run)`` binds, returns the list of
+    addresses served (as ``"tcp 127.0.0.1:12000"`` strings) once every socket
+    is ready, and serves until :meth:`shutdown`; ``run`` then returns
+    :attr:`stats`.
+    """
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.stats = ServerStats()
+        self._accepting = trio.CancelScope()
+        self._handlers = trio.CancelScope()
+
+    async def run(
+        self, *, task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED
+    ) -> ServerStats:
+        """Bind as :func:`bind` does, then :meth:`serve`.
+
+        Raises:
+          UserError: binding failed (see :func:`bind`).
+        """
+        listeners, udp_sockets = await bind(self.config)
+        return await self.serve(listeners, udp_sockets, task_status=task_status)
+
+    async def serve(
+        self,
+        listeners: Sequence[_TcpListener],
+        udp_sockets: Sequence[trio.socket.SocketType],
+        *,
+        task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
+    ) -> ServerStats:
+        """Serve on already-bound listeners and UDP sockets until shut down.
+
+        This is the second half of :func:`trio.serve_tcp` (its
+        :func:`trio.serve_listeners`, with a handler nursery of our own so that
+        connections outlive the accept loop by the grace period) plus one
+        :func:`~trio_upper.udp.serve_udp` loop per UDP socket. Any
+        :class:`trio.abc.Listener` works, which is how the tests drive it over
+        in-memory streams.
+
+        Args:
+          listeners: TCP listeners. Closed when accepting stops.
+          udp_sockets: Bound UDP sockets. Closed when accepting stops.
+          task_status: Started with the list of addresses served.
+
+        Returns:
+          The server's counts.
+        """
+        served = [_describe_listener(listener) for listener in listeners]
+        served += [format_address("udp", sock.getsockname()) for sock in udp_sockets]
+        with self._handlers:
+            async with trio.open_nursery() as handlers:
+                with self._accepting, contextlib.ExitStack() as udp_closer:
+                    for sock in udp_sockets:
+                        udp_closer.enter_context(sock)
+                    async with trio.open_nursery() as accepting:
+                        if listeners:
+                            accepting.start_soon(
+                                partial(
+                                    trio.serve_listeners,
+                                    self._handle,
+                                    list(listeners),
+                                    handler_nursery=handlers,
+                                )
+                            )
+                        for sock in udp_sockets:
+                            accepting.start_soon(
+                                partial(
+                                    serve_udp,
+                                    sock,
+                                    ascii_only=self.config.ascii_only,
+                                    on_datagram=self.stats.count_datagram,
+                                )
+                            )
+                        logger.debug("serving on %s", ", ".join(served))
+                        task_status.started(served)
+                logger.debug("stopped accepting; %d connections open", self.stats.active)
+        return self.stats
+
+    def shutdown(self, grace: float | None = None) -> None:
+        """Stop accepting now; cancel connections still open ``grace`` seconds
+        from now (default: the configured grace period).
+
+        Calling it again with a shorter grace shortens the wait, so a second
+        Ctrl-C can mean "stop now" (``grace=0``). Must be called from trio.
+        """
+        if grace is None:
+            grace = self.config.grace
+        self._accepting.cancel()
+        deadline = trio.current_time() + grace
+        self._handlers.deadline = min(self._handlers.deadline, deadline)
+
+    @property
+    def stopping(self) -> bool:
+        """True once :meth:`shutdown` has been called."""
+        return self._accepting.cancel_called
+
+    async def _handle(self, stream: trio.SocketStream) -> None:
+        # Everything that can go wrong with one connection stops here: an
+        # exception escaping a handler would crash the whole server.
+        self.stats.connections += 1
+        self.stats.active += 1
+        try:
+            await handle_stream(stream, ascii_only=self.config.ascii_only)
+        except trio.Cancelled:
+            self.stats.cut_off += 1
+            raise
+        except Exception as exc:
+            # handle_stream contains the failures a peer can cause; reaching
+            # this means a bug in trio-upper. Log it and keep serving others.
+            logger.error(
+                "connection dropped by an internal error: %r",
+                exc,
+                exc_info=logger.isEnabledFor(logging.DEBUG),
+            )
+        finally:
+            self.stats.active -= 1

@@ -1,0 +1,82 @@
+"""The TCP side of the server: one handler per connection.
+
+:func:`handle_stream` is written against :class:`trio.abc.Stream`, not against
+sockets, so the very handler that production runs under
+:func:`trio.serve_listeners` also runs in the tests over
+:func:`trio.testing.memory_stream_pair` and
+:func:`trio.testing.lockstep_stream_pair`.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import trio
+
+from .transform import Uppercaser
+
+__all__ = ["describe_peer", "handle_stream"]
+
+logger = logging.getLogger("trio_upper.tcp")
+
+# How much to ask the transport for per read. Replies are sent as soon as each
+# read returns, so this bounds the bytes one connection holds at a time (at
+# most this, times MAX_GROWTH after the transform) without delaying anything:
+# the lecture's client sends no newline and reads once, and gets its answer.
+RECEIVE_SIZE = 65536
+
+
+def describe_peer(stream: trio.abc.Stream) -> str:
+    """A short name for the other end of ``stream``, for log lines."""
+    if isinstance(stream, trio.SocketStream):
+        try:
+            peer = stream.socket.getpeername()
+        except OSError:
+            return "<disconnected peer>"
+        host, port = peer[0], peer[1]
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return f"<{type(stream).__name__}>"
+
+
+async def handle_stream(stream: trio.abc.Stream, *, ascii_only: bool = False) -> int:
+    """Uppercase everything that arrives on ``stream`` and send it back.
+
+    Each chunk's uppercase is sent as soon as the chunk arrives: there is no
+    waiting for a newline. When the peer closes its sending side (half-close or
+    full close), whatever the transform still holds is flushed and then this
+    side is closed too.
+
+    Args:
+      stream: The connection. Any :class:`trio.abc.Stream` works.
+      ascii_only: Use the ``--ascii`` transform (see :mod:`trio_upper.transform`).
+
+    Returns:
+      The number of bytes received.
+
+    Resource handling:
+      ``stream`` is always closed before this returns or raises.
+
+    Error handling:
+      A connection that breaks (reset by peer, broken pipe) ends here, logged at
+      debug level, and the function returns normally: one client's failure
+      never reaches the caller's nursery and so never stops the server.
+      Cancellation propagates as usual.
+    """
+    peer = describe_peer(stream)
+    upper = Uppercaser(ascii_only=ascii_only)
+    received = 0
+    logger.debug("%s: connected", peer)
+    try:
+        async with stream:
+            while data := await stream.receive_some(RECEIVE_SIZE):
+                received += len(data)
+                if reply := upper.feed(bytes(data)):
+                    await stream.send_all(reply)
+            if tail := upper.flush():
+                await stream.send_all(tail)
+    except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+        cause = exc.__cause__ or exc
+        logger.debug("%s: connection lost after %d bytes: %s", peer, received, cause)
+    else:
+        logger.debug("%s: closed after %d bytes", peer, received)
+    return received
