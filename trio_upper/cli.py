@@ -36,7 +36,7 @@ from .client import (
     udp_session,
 )
 from .errors import UserError, leaves
-from .server import DEFAULT_GRACE, DEFAULT_PORT, ServerConfig, UpperServer
+from .server import DEFAULT_GRACE, DEFAULT_PORT, Endpoint, ServerConfig, UpperServer
 from .udp import MAX_PAYLOAD_IPV6
 
 __all__ = ["build_parser", "main"]
@@ -226,12 +226,12 @@ async def _serve(args: argparse.Namespace) -> None:
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
 
-            async def run(task_status: trio.TaskStatus[list[str]]) -> None:
+            async def run(task_status: trio.TaskStatus[list[Endpoint]]) -> None:
                 await server.run(task_status=task_status)
                 nursery.cancel_scope.cancel()
 
-            served: list[str] = await nursery.start(run)
-            _say(args, f"Serving uppercase on {', '.join(served)} (Ctrl-C to stop)")
+            served: list[Endpoint] = await nursery.start(run)
+            _say(args, f"Serving uppercase on {', '.join(map(str, served))} (Ctrl-C to stop)")
             async for signum in signals:
                 if server.stopping:
                     _say(args, "Stopping now.")

@@ -25,6 +25,7 @@ import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
+from typing import NamedTuple
 
 import trio
 
@@ -35,6 +36,7 @@ from .udp import serve_udp
 __all__ = [
     "DEFAULT_GRACE",
     "DEFAULT_PORT",
+    "Endpoint",
     "ServerConfig",
     "ServerStats",
     "UpperServer",
@@ -55,7 +57,7 @@ DEFAULT_GRACE = 5.0
 # or grab it in between: try a few fresh ports before giving up.
 _PORT_ZERO_ATTEMPTS = 10
 
-_TcpListener = trio.abc.Listener[trio.SocketStream]
+_TcpListener = trio.abc.Listener[trio.abc.Stream]
 
 
 @dataclass(frozen=True)
@@ -86,18 +88,27 @@ class ServerStats:
         self.datagrams += 1
 
 
-def format_address(protocol: str, sockaddr: tuple[object, ...]) -> str:
-    """``tcp 0.0.0.0:12000`` or ``udp [::]:12000``."""
-    host, port = str(sockaddr[0]), sockaddr[1]
-    if ":" in host:
-        host = f"[{host}]"
-    return f"{protocol} {host}:{port}"
+class Endpoint(NamedTuple):
+    """One address the server serves; ``str()`` gives ``tcp [::]:12000``."""
+
+    protocol: str  # "tcp" or "udp"
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{self.protocol} {host}:{self.port}"
 
 
-def _describe_listener(listener: trio.abc.Listener[trio.SocketStream]) -> str:
+def _endpoint(protocol: str, sockaddr: tuple[object, ...]) -> Endpoint:
+    return Endpoint(protocol, str(sockaddr[0]), int(str(sockaddr[1])))
+
+
+def _listener_endpoint(listener: _TcpListener) -> Endpoint:
     if isinstance(listener, trio.SocketListener):
-        return format_address("tcp", listener.socket.getsockname())
-    return f"tcp <{type(listener).__name__}>"
+        return _endpoint("tcp", listener.socket.getsockname())
+    # A listener with no socket (the tests' in-memory one).
+    return Endpoint("tcp", f"<{type(listener).__name__}>", 0)
 
 
 def _where(host: str | None, port: int) -> str:
@@ -196,9 +207,8 @@ class UpperServer:
     """The uppercase service: TCP and UDP, run under one nursery.
 
     Use it once: ``await nursery.start(server.run)`` binds, returns the list of
-    addresses served (as ``"tcp 127.0.0.1:12000"`` strings) once every socket
-    is ready, and serves until :meth:`shutdown`; ``run`` then returns
-    :attr:`stats`.
+    :class:`Endpoint` served once every socket is ready, and serves until
+    :meth:`shutdown`; ``run`` then returns :attr:`stats`.
     """
 
     def __init__(self, config: ServerConfig) -> None:
@@ -208,7 +218,7 @@ class UpperServer:
         self._handlers = trio.CancelScope()
 
     async def run(
-        self, *, task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED
+        self, *, task_status: trio.TaskStatus[list[Endpoint]] = trio.TASK_STATUS_IGNORED
     ) -> ServerStats:
         """Bind as :func:`bind` does, then :meth:`serve`.
 
@@ -223,7 +233,7 @@ class UpperServer:
         listeners: Sequence[_TcpListener],
         udp_sockets: Sequence[trio.socket.SocketType],
         *,
-        task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
+        task_status: trio.TaskStatus[list[Endpoint]] = trio.TASK_STATUS_IGNORED,
     ) -> ServerStats:
         """Serve on already-bound listeners and UDP sockets until shut down.
 
@@ -237,13 +247,13 @@ class UpperServer:
         Args:
           listeners: TCP listeners. Closed when accepting stops.
           udp_sockets: Bound UDP sockets. Closed when accepting stops.
-          task_status: Started with the list of addresses served.
+          task_status: Started with the list of :class:`Endpoint` served.
 
         Returns:
           The server's counts.
         """
-        served = [_describe_listener(listener) for listener in listeners]
-        served += [format_address("udp", sock.getsockname()) for sock in udp_sockets]
+        served = [_listener_endpoint(listener) for listener in listeners]
+        served += [_endpoint("udp", sock.getsockname()) for sock in udp_sockets]
         with self._handlers:
             async with trio.open_nursery() as handlers:
                 with self._accepting, contextlib.ExitStack() as udp_closer:
@@ -268,7 +278,7 @@ class UpperServer:
                                     on_datagram=self.stats.count_datagram,
                                 )
                             )
-                        logger.debug("serving on %s", ", ".join(served))
+                        logger.debug("serving on %s", ", ".join(map(str, served)))
                         task_status.started(served)
                 logger.debug("stopped accepting; %d connections open", self.stats.active)
         return self.stats
@@ -291,7 +301,7 @@ class UpperServer:
         """True once :meth:`shutdown` has been called."""
         return self._accepting.cancel_called
 
-    async def _handle(self, stream: trio.SocketStream) -> None:
+    async def _handle(self, stream: trio.abc.Stream) -> None:
         # Everything that can go wrong with one connection stops here: an
         # exception escaping a handler would crash the whole server.
         self.stats.connections += 1

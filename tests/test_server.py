@@ -1,0 +1,246 @@
+"""The server in-process: on loopback sockets, and over an in-memory listener
+under the mock clock for everything with a deadline (the grace period)."""
+
+from __future__ import annotations
+
+import socket
+import struct
+
+import pytest
+import trio
+import trio.testing
+
+from trio_upper.errors import UserError
+from trio_upper.server import Endpoint, ServerConfig, UpperServer
+from trio_upper.transform import upper_ascii, upper_bytes
+from trio_upper.udp import MAX_PAYLOAD_IPV4
+
+from .conftest import LoopbackServer, MemoryListener
+
+
+async def receive_exactly(stream: trio.abc.ReceiveStream, size: int) -> bytes:
+    data = b""
+    while len(data) < size:
+        chunk = await stream.receive_some()
+        assert chunk, f"EOF after {len(data)} of {size} bytes"
+        data += chunk
+    return data
+
+
+async def receive_until_eof(stream: trio.abc.ReceiveStream) -> bytes:
+    data = b""
+    while chunk := await stream.receive_some():
+        data += chunk
+    return data
+
+
+# --- loopback ---------------------------------------------------------------
+
+
+async def test_serves_tcp_and_udp_on_one_port(loopback: LoopbackServer) -> None:
+    protocols = {e.protocol for e in loopback.endpoints}
+    ports = {e.port for e in loopback.endpoints}
+    assert protocols == {"tcp", "udp"}
+    assert len(ports) == 1
+    assert loopback.port != 0
+
+
+async def test_tcp_replies_without_waiting_for_newline(loopback: LoopbackServer) -> None:
+    async with await loopback.connect() as stream:
+        await stream.send_all(b"hello")
+        assert await receive_exactly(stream, 5) == b"HELLO"
+        await stream.send_all("straße\n".encode())
+        assert await receive_exactly(stream, 8) == b"STRASSE\n"
+
+
+async def test_half_close_flushes_then_closes(loopback: LoopbackServer) -> None:
+    async with await loopback.connect() as stream:
+        await stream.send_all(b"abc\xe2\x82")  # ends inside a 3-byte character
+        await stream.send_eof()
+        assert await receive_until_eof(stream) == b"ABC\xe2\x82"
+
+
+async def test_idle_client_does_not_hold_up_another(loopback: LoopbackServer) -> None:
+    # The lecture's server is sequential; ours must not be.
+    async with await loopback.connect() as idle, await loopback.connect() as busy:
+        await busy.send_all(b"second")
+        assert await receive_exactly(busy, 6) == b"SECOND"
+        await idle.send_all(b"first")
+        assert await receive_exactly(idle, 5) == b"FIRST"
+
+
+async def test_client_reset_mid_stream_leaves_server_serving(loopback: LoopbackServer) -> None:
+    stream = await loopback.connect()
+    await stream.send_all(b"x" * 1_000_000)  # the server is busy replying
+    # SO_LINGER with a zero timeout turns close() into a TCP reset.
+    stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    stream.socket.close()
+    async with await loopback.connect() as other:
+        await other.send_all(b"still here")
+        assert await receive_exactly(other, 10) == b"STILL HERE"
+    assert loopback.server.stats.connections == 2
+
+
+async def test_udp_datagram_of_maximum_size_comes_back_whole(loopback: LoopbackServer) -> None:
+    request = b"abc \xc3\xa9" * 10_917 + b"abcde"
+    assert len(request) == MAX_PAYLOAD_IPV4
+    with loopback.udp_socket() as sock:
+        await sock.connect(("127.0.0.1", loopback.port))
+        await sock.send(request)
+        reply = await sock.recv(70_000)
+    assert reply == upper_bytes(request)
+    assert len(reply) == MAX_PAYLOAD_IPV4
+
+
+async def test_udp_reply_that_would_grow_too_big_falls_back_to_ascii(
+    loopback: LoopbackServer,
+) -> None:
+    # "ŉ" is 2 bytes and uppercases to "ʼN", 3 bytes: the UTF-8 reply would
+    # exceed the largest datagram, so the reply is the --ascii transform.
+    request = ("ŉa" * 25_000).encode()[:60_000]
+    assert len(upper_bytes(request)) > MAX_PAYLOAD_IPV4
+    with loopback.udp_socket() as sock:
+        await sock.connect(("127.0.0.1", loopback.port))
+        await sock.send(request)
+        reply = await sock.recv(70_000)
+    assert reply == upper_ascii(request)
+
+
+async def test_udp_serves_many_senders(loopback: LoopbackServer) -> None:
+    for i in range(5):
+        with loopback.udp_socket() as sock:
+            await sock.connect(("127.0.0.1", loopback.port))
+            await sock.send(f"sender {i}".encode())
+            assert await sock.recv(100) == f"SENDER {i}".encode()
+    assert loopback.server.stats.datagrams == 5
+
+
+async def test_empty_datagram_gets_empty_reply(loopback: LoopbackServer) -> None:
+    with loopback.udp_socket() as sock:
+        await sock.connect(("127.0.0.1", loopback.port))
+        await sock.send(b"")
+        assert await sock.recv(100) == b""
+
+
+async def test_default_host_serves_every_family(nursery: trio.Nursery) -> None:
+    server = UpperServer(ServerConfig(port=0))
+    endpoints: list[Endpoint] = await nursery.start(server.run)
+    hosts = {e.host for e in endpoints}
+    assert "0.0.0.0" in hosts
+    if socket.has_ipv6:
+        assert "::" in hosts
+    assert len({e.port for e in endpoints}) == 1
+    server.shutdown(grace=0)
+
+
+@pytest.mark.parametrize(
+    ("config", "protocols"),
+    [
+        (ServerConfig(host="127.0.0.1", port=0, udp=False), {"tcp"}),
+        (ServerConfig(host="127.0.0.1", port=0, tcp=False), {"udp"}),
+    ],
+)
+async def test_serve_one_protocol_only(
+    nursery: trio.Nursery, config: ServerConfig, protocols: set[str]
+) -> None:
+    server = UpperServer(config)
+    endpoints: list[Endpoint] = await nursery.start(server.run)
+    assert {e.protocol for e in endpoints} == protocols
+    server.shutdown(grace=0)
+
+
+async def test_port_in_use_is_a_user_error(loopback: LoopbackServer) -> None:
+    with pytest.raises(UserError, match="Address already in use"):
+        await UpperServer(ServerConfig(host="127.0.0.1", port=loopback.port)).run()
+
+
+async def test_port_in_use_on_udp_only_releases_tcp(nursery: trio.Nursery) -> None:
+    with trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as squatter:
+        await squatter.bind(("127.0.0.1", 0))
+        port = squatter.getsockname()[1]
+        with pytest.raises(UserError, match="Address already in use"):
+            await UpperServer(ServerConfig(host="127.0.0.1", port=port)).run()
+    # Nothing stayed bound: the same port now works for both.
+    server = UpperServer(ServerConfig(host="127.0.0.1", port=port))
+    endpoints: list[Endpoint] = await nursery.start(server.run)
+    assert {e.port for e in endpoints} == {port}
+    server.shutdown(grace=0)
+
+
+async def test_unresolvable_host_is_a_user_error() -> None:
+    with pytest.raises(UserError, match="cannot resolve host 'no-such-host.invalid'"):
+        await UpperServer(ServerConfig(host="no-such-host.invalid", port=0)).run()
+
+
+async def test_shutdown_refuses_new_connections(loopback: LoopbackServer) -> None:
+    loopback.server.shutdown(grace=0)
+    await trio.testing.wait_all_tasks_blocked()
+    with pytest.raises(OSError, match="all attempts to connect"):
+        await loopback.connect()
+
+
+# --- in memory, under the mock clock ---------------------------------------
+
+
+async def start_in_memory(
+    nursery: trio.Nursery, grace: float = 5.0
+) -> tuple[UpperServer, MemoryListener, trio.Event]:
+    server = UpperServer(ServerConfig(grace=grace))
+    listener = MemoryListener()
+    done = trio.Event()
+
+    async def run(task_status: trio.TaskStatus[None]) -> None:
+        await server.serve([listener], [], task_status=task_status)
+        done.set()
+
+    await nursery.start(run)
+    return server, listener, done
+
+
+async def test_grace_lets_open_connections_finish(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    server, listener, done = await start_in_memory(nursery, grace=5)
+    client = await listener.connect()
+    await client.send_all(b"before")
+    server.shutdown()
+    with pytest.raises(trio.BrokenResourceError):
+        await listener.connect()  # no longer accepting
+    await trio.sleep(3)  # inside the grace period, the connection still works
+    assert await receive_exactly(client, 6) == b"BEFORE"
+    await client.send_all(b" and after")
+    await client.send_eof()
+    assert await receive_until_eof(client) == b" AND AFTER"
+    await done.wait()
+    assert trio.current_time() < 5
+    assert server.stats.cut_off == 0
+    assert server.stats.connections == 1
+
+
+async def test_grace_period_end_cancels_what_is_left(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    server, listener, done = await start_in_memory(nursery, grace=5)
+    idle = await listener.connect()
+    await trio.testing.wait_all_tasks_blocked()
+    start = trio.current_time()
+    server.shutdown()
+    await done.wait()
+    assert trio.current_time() - start == pytest.approx(5)
+    assert server.stats.cut_off == 1
+    assert await idle.receive_some() == b""  # the server's side was closed
+
+
+async def test_second_shutdown_with_zero_grace_stops_at_once(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    server, listener, done = await start_in_memory(nursery, grace=60)
+    await listener.connect()
+    await trio.testing.wait_all_tasks_blocked()
+    server.shutdown()
+    await trio.sleep(1)
+    assert not done.is_set()
+    server.shutdown(grace=0)
+    await done.wait()
+    assert trio.current_time() == pytest.approx(1)
+    assert server.stats.cut_off == 1

@@ -1,0 +1,289 @@
+"""The sans-I/O uppercase transform (trio_upper.transform) and the UDP reply
+rule built on it (trio_upper.udp.reply_for): no sockets, no trio."""
+
+from __future__ import annotations
+
+import itertools
+import socket
+import sys
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from trio_upper.transform import MAX_GROWTH, Uppercaser, upper_ascii, upper_bytes
+from trio_upper.udp import MAX_PAYLOAD_IPV4, MAX_PAYLOAD_IPV6, max_payload, reply_for
+
+# --- Strategies ---------------------------------------------------------------
+
+# Valid UTF-8 text (no lone surrogates, which UTF-8 cannot encode).
+utf8_text = st.text(st.characters(codec="utf-8")).map(lambda s: s.encode("utf-8"))
+
+# Pieces that tend to break incremental decoders: truncated multi-byte
+# sequences, stray continuation bytes, bytes never valid in UTF-8, encoded
+# surrogates, characters that grow when uppercased.
+awkward = st.sampled_from(
+    [
+        b"\xc3",
+        b"\xe2\x82",
+        b"\xf0\x9f\x98",
+        b"\x80",
+        b"\xbf",
+        b"\xff",
+        b"\xfe",
+        b"\xc0\xaf",
+        b"\xed\xa0\x80",
+        b"\xf4\x90\x80\x80",
+        "ß".encode(),
+        "\u0390".encode(),
+        "ﬁ".encode(),
+        "é".encode(),
+        b"\n",
+    ]
+)
+
+# Valid text, arbitrary bytes and awkward pieces, concatenated, so invalid
+# bytes land right next to (and inside) multi-byte characters.
+byte_inputs = st.one_of(
+    utf8_text,
+    st.binary(),
+    st.lists(st.one_of(utf8_text, st.binary(max_size=6), awkward), max_size=12).map(b"".join),
+)
+
+
+@st.composite
+def cut_inputs(draw: st.DrawFn) -> tuple[bytes, list[bytes]]:
+    """An input and the same input cut into chunks at random points."""
+    whole = draw(byte_inputs)
+    cuts = sorted(draw(st.lists(st.integers(0, len(whole)), max_size=8)))
+    bounds = [0, *cuts, len(whole)]
+    return whole, [whole[a:b] for a, b in itertools.pairwise(bounds)]
+
+
+# U+0390 uppercases to three code points of two bytes each: the largest growth.
+IOTA_DIAERESIS_TONOS = "\u0399\u0308\u0301"
+
+
+def run_uppercaser(chunks: list[bytes], *, ascii_only: bool = False) -> bytes:
+    upper = Uppercaser(ascii_only=ascii_only)
+    return b"".join(upper.feed(chunk) for chunk in chunks) + upper.flush()
+
+
+def escapes(data: bytes) -> list[str]:
+    """The bytes of ``data`` that are not valid UTF-8, as surrogate escapes, in order."""
+    return [c for c in data.decode("utf-8", "surrogateescape") if "\udc80" <= c <= "\udcff"]
+
+
+# --- Examples -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("straße", "STRASSE"),
+        ("héllo", "HÉLLO"),
+        ("ﬁ", "FI"),
+        ("\u0390", IOTA_DIAERESIS_TONOS),
+        ("hello, world 123", "HELLO, WORLD 123"),
+        ("", ""),
+    ],
+)
+def test_upper_bytes_utf8_examples(text: str, expected: str) -> None:
+    assert upper_bytes(text.encode()) == expected.encode()
+    assert run_uppercaser([text.encode()]) == expected.encode()
+
+
+def test_invalid_bytes_pass_through() -> None:
+    assert upper_bytes(b"\xff\xfeabc") == b"\xff\xfeABC"
+    assert upper_bytes(b"a\x80b\xc3") == b"A\x80B\xc3"
+    assert run_uppercaser([b"\xff\xfeabc"]) == b"\xff\xfeABC"
+
+
+def test_ascii_mode_changes_only_a_to_z() -> None:
+    data = "héllo straße".encode()
+    result = upper_bytes(data, ascii_only=True)
+    assert result == b"H\xc3\xa9LLO STRA\xc3\x9fE"
+    assert len(result) == len(data)
+    assert upper_ascii(data) == result
+    assert run_uppercaser([data], ascii_only=True) == result
+
+
+def test_ascii_mode_never_holds_back() -> None:
+    upper = Uppercaser(ascii_only=True)
+    assert upper.feed(b"ab\xe2\x82") == b"AB\xe2\x82"
+    assert upper.flush() == b""
+
+
+def test_incomplete_sequence_at_end_is_flushed_unchanged() -> None:
+    upper = Uppercaser()
+    assert upper.feed(b"ab\xe2\x82") == b"AB"
+    assert upper.flush() == b"\xe2\x82"
+    assert upper_bytes(b"ab\xe2\x82") == b"AB\xe2\x82"
+
+
+def test_split_character_is_completed_by_next_chunk() -> None:
+    upper = Uppercaser()
+    assert upper.feed(b"caf\xc3") == b"CAF"
+    assert upper.feed(b"\xa9!") == "É!".encode()
+    assert upper.flush() == b""
+
+
+def test_split_character_byte_by_byte() -> None:
+    data = "\u0390😀ß".encode()
+    upper = Uppercaser()
+    out = [upper.feed(data[i : i + 1]) for i in range(len(data))]
+    assert b"".join(out) + upper.flush() == (IOTA_DIAERESIS_TONOS + "😀SS").encode()
+    # Nothing comes out until a character is complete.
+    assert out[0] == b""
+    assert out[1] == IOTA_DIAERESIS_TONOS.encode()
+
+
+def test_feed_holds_at_most_three_bytes() -> None:
+    upper = Uppercaser()
+    assert upper.feed(b"x\xf0\x9f\x98") == b"X"
+    assert upper.flush() == b"\xf0\x9f\x98"
+
+
+def test_uppercaser_is_reusable_after_flush() -> None:
+    upper = Uppercaser()
+    upper.feed(b"\xc3")
+    assert upper.flush() == b"\xc3"
+    assert upper.feed(b"\xa9") == b"\xa9"
+    assert upper.feed(b"abc") == b"ABC"
+    assert upper.flush() == b""
+
+
+# --- Properties ---------------------------------------------------------------
+
+
+@settings(max_examples=200)
+@given(cut_inputs())
+def test_chunking_never_changes_the_output(case: tuple[bytes, list[bytes]]) -> None:
+    whole, chunks = case
+    assert run_uppercaser(chunks) == upper_bytes(whole)
+
+
+@settings(max_examples=200)
+@given(cut_inputs())
+def test_chunking_never_changes_the_ascii_output(case: tuple[bytes, list[bytes]]) -> None:
+    whole, chunks = case
+    result = run_uppercaser(chunks, ascii_only=True)
+    assert result == upper_bytes(whole, ascii_only=True) == whole.upper()
+    assert len(result) == len(whole)
+
+
+@settings(max_examples=200)
+@given(byte_inputs)
+def test_utf8_mode_is_str_upper_with_surrogateescape(data: bytes) -> None:
+    expected = data.decode("utf-8", "surrogateescape").upper().encode("utf-8", "surrogateescape")
+    assert upper_bytes(data) == expected
+    assert run_uppercaser([data]) == expected
+
+
+@settings(max_examples=200)
+@given(cut_inputs())
+def test_no_invalid_byte_is_dropped_or_reordered(case: tuple[bytes, list[bytes]]) -> None:
+    whole, chunks = case
+    assert escapes(upper_bytes(whole)) == escapes(whole)
+    assert escapes(run_uppercaser(chunks)) == escapes(whole)
+
+
+@settings(max_examples=200)
+@given(byte_inputs, st.integers(0, 64))
+def test_feed_holds_back_only_an_incomplete_tail(data: bytes, cut: int) -> None:
+    head = data[:cut]
+    upper = Uppercaser()
+    emitted = upper.feed(head)
+    held = upper.flush()
+    assert len(held) <= 3
+    assert head.endswith(held)
+    assert emitted == upper_bytes(head[: len(head) - len(held)])
+
+
+@settings(max_examples=200)
+@given(byte_inputs)
+def test_newline_count_is_preserved(data: bytes) -> None:
+    assert upper_bytes(data).count(b"\n") == data.count(b"\n")
+    assert upper_bytes(data, ascii_only=True).count(b"\n") == data.count(b"\n")
+
+
+@settings(max_examples=200)
+@given(byte_inputs)
+def test_growth_is_bounded(data: bytes) -> None:
+    assert len(upper_bytes(data)) <= MAX_GROWTH * len(data)
+
+
+# --- MAX_GROWTH ---------------------------------------------------------------
+
+
+def _growth_per_code_point() -> dict[int, tuple[int, int]]:
+    """(bytes of the code point, bytes of its uppercase) for every code point
+    that grows, surrogates excluded."""
+    grows: dict[int, tuple[int, int]] = {}
+    for cp in range(sys.maxunicode + 1):
+        if 0xD800 <= cp <= 0xDFFF:
+            continue
+        char = chr(cp)
+        before = len(char.encode())
+        after = len(char.upper().encode())
+        if after > before:
+            grows[cp] = (before, after)
+    return grows
+
+
+def test_max_growth_bounds_every_code_point_and_is_tight() -> None:
+    grows = _growth_per_code_point()
+    too_big = {hex(cp): n for cp, n in grows.items() if n[1] > MAX_GROWTH * n[0]}
+    assert too_big == {}
+    attained = sorted(cp for cp, (before, after) in grows.items() if after == MAX_GROWTH * before)
+    assert attained, "MAX_GROWTH is larger than any code point needs"
+    assert 0x390 in attained  # the example the module names
+
+
+# --- UDP replies --------------------------------------------------------------
+
+
+def test_max_payload_per_family() -> None:
+    assert max_payload(socket.AF_INET) == MAX_PAYLOAD_IPV4 == 65507
+    assert max_payload(socket.AF_INET6) == MAX_PAYLOAD_IPV6 == 65527
+
+
+def test_reply_that_fits_is_the_utf8_uppercase() -> None:
+    request = "straße \u0390".encode()
+    expected = ("STRASSE " + IOTA_DIAERESIS_TONOS).encode()
+    assert reply_for(request, limit=65507) == expected
+    # Exactly at the limit still fits.
+    assert reply_for(request, limit=len(expected)) == expected
+
+
+def test_reply_that_would_not_fit_is_the_ascii_transform() -> None:
+    request = b"abc " + "\u0390".encode() * 10  # 24 bytes; its UTF-8 uppercase is 64
+    assert len(upper_bytes(request)) == 64
+    reply = reply_for(request, limit=63)
+    assert reply == b"ABC " + "\u0390".encode() * 10
+    assert len(reply) == len(request)
+
+
+def test_full_size_datagram_that_grows_gets_the_ascii_transform() -> None:
+    request = ("\u0390".encode() * (MAX_PAYLOAD_IPV4 // 2)) + b"z"
+    assert len(request) == MAX_PAYLOAD_IPV4
+    reply = reply_for(request, limit=max_payload(socket.AF_INET))
+    assert reply == request[:-1] + b"Z"
+
+
+def test_reply_in_ascii_mode_is_always_ascii() -> None:
+    request = "héllo ß".encode()
+    assert reply_for(request, ascii_only=True, limit=65507) == upper_ascii(request)
+
+
+@settings(max_examples=200)
+@given(byte_inputs, st.integers(0, 64))
+def test_reply_never_exceeds_the_limit(request: bytes, extra: int) -> None:
+    limit = len(request) + extra
+    reply = reply_for(request, limit=limit)
+    assert len(reply) <= limit
+    assert reply in (upper_bytes(request), request.upper())
+    if len(upper_bytes(request)) <= limit:
+        assert reply == upper_bytes(request)
+    else:
+        assert reply == request.upper()
