@@ -71,10 +71,18 @@ async def test_idle_client_does_not_hold_up_another(loopback: LoopbackServer) ->
 
 async def test_client_reset_mid_stream_leaves_server_serving(loopback: LoopbackServer) -> None:
     stream = await loopback.connect()
-    await stream.send_all(b"x" * 1_000_000)  # the server is busy replying
-    # SO_LINGER with a zero timeout turns close() into a TCP reset.
-    stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    stream.socket.close()
+
+    async def flood() -> None:
+        # Never reads replies, so this blocks once the buffers are full.
+        with pytest.raises(trio.ClosedResourceError):
+            await stream.send_all(b"x" * 10_000_000)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(flood)
+        assert await stream.receive_some(1) == b"X"  # the server is mid-reply
+        # SO_LINGER with a zero timeout turns close() into a TCP reset.
+        stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        stream.socket.close()
     async with await loopback.connect() as other:
         await other.send_all(b"still here")
         assert await receive_exactly(other, 10) == b"STILL HERE"
