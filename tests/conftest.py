@@ -117,4 +117,3 @@ def server_process() -> Iterator[ServerProcess]:
 
 def lecture_program(name: str, *args: str) -> list[str]:
     return [sys.executable, str(LECTURE / f"{name}.py"), *args]
-

@@ -103,7 +103,7 @@ async def test_udp_datagram_of_maximum_size_comes_back_whole(loopback: LoopbackS
 async def test_udp_reply_that_would_grow_too_big_falls_back_to_ascii(
     loopback: LoopbackServer,
 ) -> None:
-    # "ŉ" is 2 bytes and uppercases to "ʼN", 3 bytes: the UTF-8 reply would
+    # "ŉ" (U+0149) is 2 bytes and uppercases to U+02BC U+004E, 3 bytes: the UTF-8 reply would
     # exceed the largest datagram, so the reply is the --ascii transform.
     request = ("ŉa" * 25_000).encode()[:60_000]
     assert len(upper_bytes(request)) > MAX_PAYLOAD_IPV4
@@ -176,7 +176,7 @@ async def test_port_in_use_on_udp_only_releases_tcp(nursery: trio.Nursery) -> No
 
 
 async def test_unresolvable_host_is_a_user_error() -> None:
-    with pytest.raises(UserError, match="cannot resolve host 'no-such-host.invalid'"):
+    with pytest.raises(UserError, match=r"cannot resolve host 'no-such-host\.invalid'"):
         await UpperServer(ServerConfig(host="no-such-host.invalid", port=0)).run()
 
 
