@@ -285,11 +285,6 @@ async def test_stream_server_silent_after_eof_times_out(
     assert bytes(sink.data) == b""
 
 
-@pytest.mark.xfail(
-    reason="BUG: tcp_stream raises its UserError from inside its nursery, so callers "
-    "get an ExceptionGroup([UserError]) instead of the documented UserError",
-    strict=True,
-)
 async def test_stream_timeout_raises_a_bare_user_error(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
@@ -362,11 +357,6 @@ async def test_stream_server_closes_before_all_input_is_sent() -> None:
     assert bytes(sink.data) == b"HELLO\n"
 
 
-@pytest.mark.xfail(
-    reason="BUG: tcp_stream counts a partly answered last line as answered, so a reply "
-    "cut inside a line (the lecture server's single recv) passes without an error",
-    strict=True,
-)
 @pytest.mark.parametrize(
     ("data", "read_size"),
     [
@@ -578,13 +568,7 @@ async def test_udp_session_no_reply_after_all_tries(
     ("retries", "expected"),
     [
         (0, "after 1 try over 1 s"),
-        pytest.param(
-            2,
-            "after 3 tries over 7 s",
-            marks=pytest.mark.xfail(
-                reason='BUG: client._plural(3, "try") makes "3 trys"', strict=True
-            ),
-        ),
+        (2, "after 3 tries over 7 s"),
     ],
 )
 async def test_udp_session_no_reply_message_counts_tries(

@@ -22,7 +22,7 @@ from typing import Protocol
 
 import trio
 
-from .errors import UserError, leaves
+from .errors import UserError, bare_user_error, leaves
 from .udp import RECEIVE_SIZE as DATAGRAM_RECEIVE_SIZE
 from .udp import max_payload
 
@@ -103,9 +103,9 @@ async def connect_tcp(host: str, port: int, *, timeout: float) -> trio.SocketStr
 
 
 class _LineCount:
-    """Counts lines in a byte stream fed in pieces; a last line without a
-    newline counts too. The transform never adds or removes a newline, so a
-    complete reply has exactly as many lines as the request."""
+    """Counts lines in a byte stream fed in pieces. The transform never adds
+    or removes a newline, so a complete reply has exactly the request's
+    newlines, and an unterminated last line if the request has one."""
 
     def __init__(self) -> None:
         self.newlines = 0
@@ -118,11 +118,17 @@ class _LineCount:
 
     @property
     def lines(self) -> int:
+        """Lines begun, an unterminated last one included."""
         return self.newlines + self.open_line
 
+    def answers(self, request: _LineCount) -> bool:
+        """Whether this (a reply) is complete for ``request``; a cut inside
+        an unterminated last line cannot be seen."""
+        return self.newlines == request.newlines and self.open_line >= request.open_line
 
-def _plural(n: int, word: str) -> str:
-    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+def _plural(n: int, word: str, plural: str | None = None) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {plural or word + 's'}"
 
 
 async def _receive(stream: trio.abc.ReceiveStream) -> bytes:
@@ -236,31 +242,32 @@ async def tcp_stream(
         all_sent = True
         reading.deadline = trio.current_time() + timeout
 
-    async with stream, trio.open_nursery() as nursery:
-        nursery.start_soon(pump)
-        while True:
-            with trio.CancelScope() as reading:
-                if all_sent:
-                    reading.deadline = trio.current_time() + timeout
-                data = await _receive(stream)
-            if reading.cancelled_caught:
-                raise UserError(f"no reply from the server within {timeout:g} s")
-            if not data:
-                break
-            answered.add(data)
-            await sink.send_all(data)
-        # The server is done talking; input it will never read is moot.
-        nursery.cancel_scope.cancel()
+    with bare_user_error():
+        async with stream, trio.open_nursery() as nursery:
+            nursery.start_soon(pump)
+            while True:
+                with trio.CancelScope() as reading:
+                    if all_sent:
+                        reading.deadline = trio.current_time() + timeout
+                    data = await _receive(stream)
+                if reading.cancelled_caught:
+                    raise UserError(f"no reply from the server within {timeout:g} s")
+                if not data:
+                    break
+                answered.add(data)
+                await sink.send_all(data)
+            # The server is done talking; input it will never read is moot.
+            nursery.cancel_scope.cancel()
 
     if not all_sent:
         raise UserError(
             "the server closed the connection before all input was sent; "
-            f"{_plural(answered.lines, 'line')} answered"
+            f"{_plural(answered.newlines, 'line')} answered"
         )
-    if answered.lines < sent.lines:
+    if not answered.answers(sent):
         raise UserError(
             "the server closed the connection early; "
-            f"{answered.lines} of {_plural(sent.lines, 'line')} answered"
+            f"{answered.newlines} of {_plural(sent.lines, 'line')} answered"
         )
 
 
@@ -384,7 +391,7 @@ async def udp_session(
                 sock.close()
             if reply is None:
                 raise UserError(
-                    f"no reply from {where} after {_plural(retries + 1, 'try')} "
+                    f"no reply from {where} after {_plural(retries + 1, 'try', 'tries')} "
                     f"over {_total_wait(timeout, retries):g} s"
                 )
             break

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
+from collections.abc import Iterator
 
 if sys.version_info < (3, 11):  # pragma: no cover - trio installs the backport
     from exceptiongroup import BaseExceptionGroup
 
-__all__ = ["UserError", "leaves"]
+__all__ = ["UserError", "bare_user_error", "leaves"]
 
 
 class UserError(Exception):
@@ -24,3 +26,16 @@ def leaves(exc: BaseException) -> list[BaseException]:
     if isinstance(exc, BaseExceptionGroup):
         return [leaf for inner in exc.exceptions for leaf in leaves(inner)]
     return [exc]
+
+
+@contextlib.contextmanager
+def bare_user_error() -> Iterator[None]:
+    """Re-raise a :class:`UserError` that a nursery wrapped in a group as the
+    bare error, so a function that runs tasks can still promise UserError."""
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        for leaf in leaves(group):
+            if isinstance(leaf, UserError):
+                raise leaf from None
+        raise
