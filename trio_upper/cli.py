@@ -95,7 +95,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     noise.add_argument("-q", "--quiet", action="store_true", help="print errors only")
 
-    defaults = argparse.ArgumentDefaultsHelpFormatter
     parser = argparse.ArgumentParser(
         prog="trio-upper",
         description="The lecture's uppercase service over TCP and UDP, built on trio.",
@@ -107,7 +106,6 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser(
         "serve",
         parents=[common],
-        formatter_class=defaults,
         help="run the server (TCP and UDP on one port)",
         description="Serve uppercase on TCP and UDP. Ctrl-C or SIGTERM stops it: "
         "new connections are refused at once, open ones get the grace period.",
@@ -122,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--port",
         type=_port,
         default=DEFAULT_PORT,
-        help="port for both TCP and UDP; 0 lets the OS choose",
+        help="port for both TCP and UDP; 0 lets the OS choose (default: %(default)s)",
     )
     only = serve.add_mutually_exclusive_group()
     only.add_argument("--tcp-only", action="store_true", help="serve TCP only")
@@ -138,14 +136,14 @@ def build_parser() -> argparse.ArgumentParser:
         type=_seconds,
         default=DEFAULT_GRACE,
         metavar="SECONDS",
-        help="on Ctrl-C or SIGTERM, how long open connections may finish",
+        help="on Ctrl-C or SIGTERM, seconds open connections may take to finish "
+        "(default: %(default)s)",
     )
     serve.set_defaults(run=_serve)
 
     tcp = commands.add_parser(
         "tcp",
         parents=[common],
-        formatter_class=defaults,
         help="TCP client: prompt for lines, or copy stdin like nc",
         description="Send lines to the server over TCP and print the replies. "
         "On a terminal it prompts for each line; with a pipe or file on stdin "
@@ -157,21 +155,20 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive_seconds,
         default=DEFAULT_TCP_TIMEOUT,
         metavar="SECONDS",
-        help="longest wait for the server to reply or read",
+        help="seconds to wait for the server to reply or to read (default: %(default)s)",
     )
     tcp.add_argument(
         "--connect-timeout",
         type=_positive_seconds,
         default=DEFAULT_CONNECT_TIMEOUT,
         metavar="SECONDS",
-        help="longest wait to connect",
+        help="seconds to wait for the connection (default: %(default)s)",
     )
     tcp.set_defaults(run=_tcp)
 
     udp = commands.add_parser(
         "udp",
         parents=[common],
-        formatter_class=defaults,
         help="UDP client: one datagram per line, with retries",
         description="Send each line (without its line ending) as one datagram "
         "and print each reply on a line. A lost datagram is sent again.",
@@ -182,14 +179,15 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive_seconds,
         default=DEFAULT_UDP_TIMEOUT,
         metavar="SECONDS",
-        help="wait for a reply to the first try; each retry waits twice as long",
+        help="seconds to wait for a reply to the first try; each retry waits "
+        "twice as long as the one before (default: %(default)s)",
     )
     udp.add_argument(
         "--retries",
         type=_count,
         default=DEFAULT_RETRIES,
         metavar="N",
-        help="tries after the first before giving up on a line",
+        help="tries after the first before giving up on a line (default: %(default)s)",
     )
     udp.set_defaults(run=_udp)
     return parser
@@ -197,9 +195,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _client_target(command: argparse.ArgumentParser) -> None:
     command.add_argument(
-        "host", nargs="?", default=DEFAULT_HOST, metavar="HOST", help="server name or address"
+        "host",
+        nargs="?",
+        default=DEFAULT_HOST,
+        metavar="HOST",
+        help="server name or address (default: %(default)s)",
     )
-    command.add_argument("-p", "--port", type=_port, default=DEFAULT_PORT, help="server port")
+    command.add_argument(
+        "-p", "--port", type=_port, default=DEFAULT_PORT, help="server port (default: %(default)s)"
+    )
 
 
 def _say(args: argparse.Namespace, message: str) -> None:

@@ -461,6 +461,7 @@ async def read_terminal_line() -> bytes | None:
         try:
             return input(PROMPT).encode("utf-8", "surrogateescape")
         except EOFError:
+            print()  # Ctrl-D leaves the cursor after the prompt
             return None
 
     return await trio.to_thread.run_sync(ask, abandon_on_cancel=True)
