@@ -12,6 +12,7 @@ import trio.testing
 
 from trio_upper.errors import UserError
 from trio_upper.server import Endpoint, ServerConfig, UpperServer
+from trio_upper.tcp import handle_stream
 from trio_upper.transform import upper_ascii, upper_bytes
 from trio_upper.udp import MAX_PAYLOAD_IPV4
 
@@ -252,3 +253,34 @@ async def test_second_shutdown_with_zero_grace_stops_at_once(
     await done.wait()
     assert trio.current_time() == pytest.approx(1)
     assert server.stats.cut_off == 1
+
+
+async def test_address_not_on_this_machine_is_a_user_error() -> None:
+    # 192.0.2.1 is TEST-NET-1: never a local address. Binding sends nothing.
+    with pytest.raises(UserError, match="Cannot assign requested address"):
+        await UpperServer(ServerConfig(host="192.0.2.1", port=0)).run()
+
+
+async def test_a_bug_in_one_handler_does_not_stop_the_server(
+    nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_handle_stream = handle_stream
+    calls = 0
+
+    async def first_one_crashes(stream: trio.abc.Stream, *, ascii_only: bool) -> int:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            await stream.aclose()
+            raise RuntimeError("a bug")
+        return await real_handle_stream(stream, ascii_only=ascii_only)
+
+    monkeypatch.setattr("trio_upper.server.handle_stream", first_one_crashes)
+    server, listener, _ = await start_in_memory(nursery)
+    crashed = await listener.connect()
+    assert await crashed.receive_some() == b""
+    survivor = await listener.connect()
+    await survivor.send_all(b"ok")
+    assert await receive_exactly(survivor, 2) == b"OK"
+    assert server.stats.connections == 2
+    server.shutdown(grace=0)
