@@ -23,6 +23,24 @@ LECTURE = Path(__file__).parent / "lecture"
 PROCESS_TIMEOUT = 60
 
 
+async def receive_exactly(stream: trio.abc.ReceiveStream, size: int) -> bytes:
+    """Read until ``size`` bytes have come; fail on an early end of stream."""
+    data = bytearray()
+    while len(data) < size:
+        chunk = await stream.receive_some()
+        assert chunk, f"EOF after {len(data)} of {size} bytes"
+        data += chunk
+    return bytes(data)
+
+
+async def receive_until_eof(stream: trio.abc.ReceiveStream) -> bytes:
+    """Read everything until the other side closes."""
+    data = bytearray()
+    while chunk := await stream.receive_some():
+        data += chunk
+    return bytes(data)
+
+
 class MemoryListener(trio.abc.Listener[trio.abc.Stream]):
     """A listener whose connections are in-memory stream pairs, so the whole
     server (accept loop, handlers, shutdown) runs under the mock clock."""

@@ -25,6 +25,8 @@ from trio_upper.tcp import handle_stream
 from trio_upper.transform import upper_bytes
 from trio_upper.udp import MAX_PAYLOAD_IPV4
 
+from .conftest import receive_until_eof
+
 # --- Helpers ------------------------------------------------------------------
 
 
@@ -95,13 +97,6 @@ async def assert_closed(stream: trio.abc.Stream) -> None:
         await stream.send_all(b"x")
 
 
-async def read_until_eof(stream: trio.abc.ReceiveStream) -> bytes:
-    data = bytearray()
-    while chunk := await stream.receive_some():
-        data += chunk
-    return bytes(data)
-
-
 async def mute_server(stream: trio.abc.Stream) -> None:
     """Reads everything, answers nothing, closes only when the client does."""
     async with stream:
@@ -137,7 +132,7 @@ async def test_interactive_no_lines_sends_nothing() -> None:
     received: list[bytes] = []
 
     async def record(stream: trio.abc.Stream) -> None:
-        received.append(await read_until_eof(stream))
+        received.append(await receive_until_eof(stream))
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(record, server)
@@ -271,7 +266,7 @@ async def test_stream_server_silent_after_eof_times_out(
     seen: list[bytes] = []
 
     async def silent(stream: trio.abc.Stream) -> None:
-        seen.append(await read_until_eof(stream))
+        seen.append(await receive_until_eof(stream))
         await trio.sleep_forever()
 
     async with trio.open_nursery() as nursery:
@@ -292,7 +287,7 @@ async def test_stream_timeout_raises_a_bare_user_error(
     caught: list[Exception] = []
 
     async def silent(stream: trio.abc.Stream) -> None:
-        await read_until_eof(stream)
+        await receive_until_eof(stream)
         await trio.sleep_forever()
 
     async with trio.open_nursery() as nursery:

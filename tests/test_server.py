@@ -16,24 +16,7 @@ from trio_upper.tcp import handle_stream
 from trio_upper.transform import upper_ascii, upper_bytes
 from trio_upper.udp import MAX_PAYLOAD_IPV4
 
-from .conftest import LoopbackServer, MemoryListener
-
-
-async def receive_exactly(stream: trio.abc.ReceiveStream, size: int) -> bytes:
-    data = b""
-    while len(data) < size:
-        chunk = await stream.receive_some()
-        assert chunk, f"EOF after {len(data)} of {size} bytes"
-        data += chunk
-    return data
-
-
-async def receive_until_eof(stream: trio.abc.ReceiveStream) -> bytes:
-    data = b""
-    while chunk := await stream.receive_some():
-        data += chunk
-    return data
-
+from .conftest import LoopbackServer, MemoryListener, receive_exactly, receive_until_eof
 
 # --- loopback ---------------------------------------------------------------
 

@@ -14,6 +14,8 @@ from hypothesis import strategies as st
 from trio_upper.tcp import describe_peer, handle_stream
 from trio_upper.transform import upper_bytes
 
+from .conftest import receive_until_eof
+
 # --- Helpers ------------------------------------------------------------------
 
 
@@ -22,13 +24,6 @@ async def run_handler(
 ) -> None:
     """Run the handler and keep what it returns."""
     results.append(await handle_stream(stream, ascii_only=ascii_only))
-
-
-async def read_to_eof(stream: trio.abc.ReceiveStream) -> bytes:
-    out = bytearray()
-    while chunk := await stream.receive_some():
-        out += chunk
-    return bytes(out)
 
 
 async def assert_nothing_arrives(stream: trio.abc.ReceiveStream) -> None:
@@ -125,7 +120,7 @@ async def test_split_multibyte_character_comes_back_whole(
         await client.send_all(b"\xa9")
         await trio.testing.wait_all_tasks_blocked()
         await client.send_eof()
-        assert await read_to_eof(client) == "É".encode()
+        assert await receive_until_eof(client) == "É".encode()
     assert results == [2]
 
 
@@ -152,7 +147,7 @@ async def test_immediate_eof_closes_with_zero_bytes() -> None:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(run_handler, server, results)
         await client.send_eof()
-        assert await read_to_eof(client) == b""
+        assert await receive_until_eof(client) == b""
     assert results == [0]
     await assert_closed(server)
 
@@ -165,7 +160,7 @@ async def test_ascii_only_leaves_non_ascii_alone() -> None:
         nursery.start_soon(run_handler, server, results, True)  # ascii_only
         await client.send_all(data)
         await client.send_eof()
-        reply = await read_to_eof(client)
+        reply = await receive_until_eof(client)
     assert reply == data.upper()
     assert reply == b"H\xc3\xa9LLO STRA\xc3\x9fE \xc3\xbf\xc3"
     assert results == [len(data)]
@@ -181,7 +176,7 @@ async def test_peer_that_breaks_while_we_send_ends_the_handler_quietly() -> None
         assert await client.receive_some() == b"HELLO "
         await client.send_all(b"world")
         # The reply is cut after 7 bytes in all, then the connection breaks.
-        assert await read_to_eof(client) == b"W"
+        assert await receive_until_eof(client) == b"W"
     assert results == [11]  # returned normally, with the bytes received
     assert breaking.closed
 
@@ -227,7 +222,7 @@ async def test_full_back_pressure_over_lockstep_streams() -> None:
         await client.send_eof()
 
     async def receive_everything() -> None:
-        replies.append(await read_to_eof(client))
+        replies.append(await receive_until_eof(client))
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(run_handler, server, results)
@@ -283,7 +278,7 @@ async def _echo_in_chunks(chunks: list[bytes], ascii_only: bool) -> tuple[bytes,
         await client.send_eof()
 
     async def collect() -> None:
-        replies.append(await read_to_eof(client))
+        replies.append(await receive_until_eof(client))
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(run_handler, server, results, ascii_only)
