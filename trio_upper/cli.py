@@ -35,7 +35,7 @@ from .client import (
     tcp_stream,
     udp_session,
 )
-from .errors import UserError, leaves
+from .errors import UserError, leaves, plural
 from .server import DEFAULT_GRACE, DEFAULT_PORT, Endpoint, ServerConfig, UpperServer
 from .udp import MAX_PAYLOAD_IPV6
 
@@ -211,10 +211,6 @@ def _say(args: argparse.Namespace, message: str) -> None:
         print(message, flush=True)
 
 
-def _plural(n: int, word: str) -> str:
-    return f"{n} {word}" if n == 1 else f"{n} {word}s"
-
-
 async def _serve(args: argparse.Namespace) -> None:
     config = ServerConfig(
         host=args.host,
@@ -247,17 +243,17 @@ async def _serve(args: argparse.Namespace) -> None:
                     _say(
                         args,
                         f"{name}: refusing new connections; waiting up to {config.grace:g} s "
-                        f"for {_plural(server.stats.active, 'open connection')} "
+                        f"for {plural(server.stats.active, 'open connection')} "
                         "(Ctrl-C again to stop now)",
                     )
     stats = server.stats
     summary = (
-        f"Stopped: served {_plural(stats.connections, 'TCP connection')} and "
-        f"{_plural(stats.datagrams, 'datagram')}"
+        f"Stopped: served {plural(stats.connections, 'TCP connection')} and "
+        f"{plural(stats.datagrams, 'datagram')}"
     )
     if stats.cut_off:
         summary += (
-            f"; {_plural(stats.cut_off, 'connection')} cut off at the end of the grace period"
+            f"; {plural(stats.cut_off, 'connection')} cut off at the end of the grace period"
         )
     _say(args, summary + ".")
 

@@ -22,7 +22,7 @@ from typing import Protocol
 
 import trio
 
-from .errors import UserError, bare_user_error, leaves
+from .errors import UserError, bare_user_error, leaves, plural
 from .udp import RECEIVE_SIZE as DATAGRAM_RECEIVE_SIZE
 from .udp import max_payload
 
@@ -127,10 +127,6 @@ class _LineCount:
         return self.newlines == request.newlines and self.open_line >= request.open_line
 
 
-def _plural(n: int, word: str, plural: str | None = None) -> str:
-    return f"{n} {word}" if n == 1 else f"{n} {plural or word + 's'}"
-
-
 async def _receive(stream: trio.abc.ReceiveStream) -> bytes:
     """One read from the server; a reset connection reads as end of stream,
     so that the caller reports what was and was not answered."""
@@ -191,7 +187,7 @@ async def tcp_interactive(
             if not (sent and newline):
                 raise UserError(
                     "the server closed the connection; "
-                    f"{_plural(answered, 'line')} answered, the last line was not"
+                    f"{plural(answered, 'line')} answered, the last line was not"
                 )
             answered += 1
     return answered
@@ -262,12 +258,12 @@ async def tcp_stream(
     if not all_sent:
         raise UserError(
             "the server closed the connection before all input was sent; "
-            f"{_plural(answered.newlines, 'line')} answered"
+            f"{plural(answered.newlines, 'line')} answered"
         )
     if not answered.answers(sent):
         raise UserError(
             "the server closed the connection early; "
-            f"{answered.newlines} of {_plural(sent.lines, 'line')} answered"
+            f"{answered.newlines} of {plural(sent.lines, 'line')} answered"
         )
 
 
@@ -391,7 +387,7 @@ async def udp_session(
                 sock.close()
             if reply is None:
                 raise UserError(
-                    f"no reply from {where} after {_plural(retries + 1, 'try', 'tries')} "
+                    f"no reply from {where} after {plural(retries + 1, 'try', 'tries')} "
                     f"over {_total_wait(timeout, retries):g} s"
                 )
             break

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 if sys.version_info < (3, 11):  # pragma: no cover - trio installs the backport
     from exceptiongroup import BaseExceptionGroup
 
-__all__ = ["UserError", "bare_user_error", "leaves"]
+__all__ = ["UserError", "bare_user_error", "leaves", "plural"]
 
 
 class UserError(Exception):
@@ -18,6 +18,11 @@ class UserError(Exception):
     The CLI prints ``str(error)`` on stderr and exits with status 1; nothing
     else is shown, so the message must say what failed and why.
     """
+
+
+def plural(n: int, word: str, plural_form: str | None = None) -> str:
+    """``1 line``, ``2 lines``, ``3 tries``: counts in messages read as English."""
+    return f"{n} {word}" if n == 1 else f"{n} {plural_form or word + 's'}"
 
 
 def leaves(exc: BaseException) -> list[BaseException]:
