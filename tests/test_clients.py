@@ -337,19 +337,45 @@ async def test_stream_lecture_server_answers_only_its_first_read() -> None:
     assert bytes(sink.data) == b"HELLO\n"  # the partial reply comes first
 
 
-async def test_stream_server_closes_before_all_input_is_sent() -> None:
+async def test_stream_input_after_the_server_closed_is_an_error(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    client, server = trio.testing.memory_stream_pair()
+    feed, source = trio.testing.memory_stream_one_way_pair()
+    sink = Collector()
+
+    async def type_more_once_answered() -> None:
+        await feed.send_all(b"hello\n")
+        await trio.testing.wait_all_tasks_blocked()
+        assert bytes(sink.data) == b"HELLO\n"  # answered, and the server closed
+        await feed.send_all(b"world\n")
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(lecture_server, server)
+        nursery.start_soon(type_more_once_answered)
+        with pytest.raises(
+            UserError,
+            match=r"^the server closed the connection before all input was sent; 1 line answered$",
+        ):
+            await tcp_stream(client, source, sink, timeout=5)
+    assert bytes(sink.data) == b"HELLO\n"
+
+
+async def test_stream_server_closing_first_is_fine_if_no_input_follows(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # The lecture's server answers one read and closes; the input, still open,
+    # brings nothing more within the timeout: nothing went unanswered.
     client, server = trio.testing.memory_stream_pair()
     feed, source = trio.testing.memory_stream_one_way_pair()
     sink = Collector()
     async with trio.open_nursery() as nursery:
         nursery.start_soon(lecture_server, server)
         await feed.send_all(b"hello\n")
-        with pytest.raises(
-            UserError,
-            match=r"^the server closed the connection before all input was sent; 1 line answered$",
-        ):
-            await tcp_stream(client, source, sink)
+        start = trio.current_time()
+        await tcp_stream(client, source, sink, timeout=5)
     assert bytes(sink.data) == b"HELLO\n"
+    assert trio.current_time() - start == pytest.approx(5)
 
 
 @pytest.mark.parametrize(

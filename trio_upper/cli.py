@@ -59,21 +59,21 @@ def _port(text: str) -> int:
     return port
 
 
-def _seconds(text: str) -> float:
+def _seconds(text: str, *, zero_ok: bool = True) -> float:
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    if not value >= 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"seconds must be 0 or more, not {text}")
+    # Written so that NaN fails too: every comparison with NaN is false.
+    in_range = (value >= 0 if zero_ok else value > 0) and value != float("inf")
+    if not in_range:
+        limit = "0 or more" if zero_ok else "more than 0"
+        raise argparse.ArgumentTypeError(f"seconds must be {limit}, not {text}")
     return value
 
 
 def _positive_seconds(text: str) -> float:
-    value = _seconds(text)
-    if value == 0:
-        raise argparse.ArgumentTypeError("seconds must be more than 0")
-    return value
+    return _seconds(text, zero_ok=False)
 
 
 def _count(text: str) -> int:

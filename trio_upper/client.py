@@ -13,6 +13,7 @@ with a one-line message.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -208,6 +209,12 @@ async def tcp_stream(
     of ``source`` has been sent, each wait for more reply. While ``source``
     is still open the client is waiting for its input, not for the server.
 
+    A server may close first (the lecture's TCPServer answers one read and
+    closes). Then the client waits up to ``timeout`` more for the end of
+    ``source``, to tell whether any input went unanswered: input that arrives
+    after the server closed is an error; an end of input, or no more input
+    in that time, is not.
+
     Memory stays bounded whatever the input size: at most one chunk is in
     hand in each direction, and ``send_all`` waits for the server to read.
 
@@ -220,30 +227,34 @@ async def tcp_stream(
     """
     sent = _LineCount()
     answered = _LineCount()
-    all_sent = False
+    input_ended = False
+    server_stopped_reading = False
+    pump_done = trio.Event()
     # The scope of the read in progress, so that the end of input can put a
     # deadline on a read that started while input was still flowing.
     reading = trio.CancelScope()
 
     async def pump() -> None:
-        nonlocal all_sent
-        while data := bytes(await source.receive_some(_CHUNK)):
-            if not await _send(stream, data, timeout):
-                return
-            sent.add(data)
+        nonlocal input_ended, server_stopped_reading
         try:
-            await stream.send_eof()
-        except trio.BrokenResourceError:
-            return
-        all_sent = True
-        reading.deadline = trio.current_time() + timeout
+            while data := bytes(await source.receive_some(_CHUNK)):
+                sent.add(data)
+                if not await _send(stream, data, timeout):
+                    server_stopped_reading = True
+                    return
+            input_ended = True
+            reading.deadline = trio.current_time() + timeout
+            with contextlib.suppress(trio.BrokenResourceError):
+                await stream.send_eof()
+        finally:
+            pump_done.set()
 
     with bare_user_error():
         async with stream, trio.open_nursery() as nursery:
             nursery.start_soon(pump)
             while True:
                 with trio.CancelScope() as reading:
-                    if all_sent:
+                    if input_ended:
                         reading.deadline = trio.current_time() + timeout
                     data = await _receive(stream)
                 if reading.cancelled_caught:
@@ -252,10 +263,13 @@ async def tcp_stream(
                     break
                 answered.add(data)
                 await sink.send_all(data)
-            # The server is done talking; input it will never read is moot.
+            # The server is done talking. Give the pump the chance to show
+            # whether input remains, then stop it.
+            with trio.move_on_after(timeout):
+                await pump_done.wait()
             nursery.cancel_scope.cancel()
 
-    if not all_sent:
+    if server_stopped_reading:
         raise UserError(
             "the server closed the connection before all input was sent; "
             f"{plural(answered.newlines, 'line')} answered"

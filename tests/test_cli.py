@@ -1,0 +1,594 @@
+"""The command line as a user runs it: ``python -m trio_upper ...`` in a
+subprocess, the clients fed through a pipe, against a server subprocess on
+127.0.0.1. Every wait is bounded by PROCESS_TIMEOUT; no test checks timing."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import select
+import signal
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+import trio_upper
+
+from .conftest import PROCESS_TIMEOUT, ServerProcess, cli, run_cli
+
+# --- Helpers ------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def serving(*flags: str) -> Iterator[ServerProcess]:
+    """Our server on 127.0.0.1, a port of the OS's choosing, with extra
+    ``serve`` flags; killed at the end whatever happened."""
+    server = ServerProcess(cli("serve", "--host", "127.0.0.1", "--port", "0", *flags))
+    try:
+        yield server
+    finally:
+        server.stop(signal.SIGKILL)
+
+
+def free_port(kind: socket.SocketKind) -> int:
+    """A port nothing listens on (for ``kind``): bound, then let go."""
+    with socket.socket(socket.AF_INET, kind) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+def error_line(result: subprocess.CompletedProcess[bytes]) -> str:
+    """The one line a failed client or server prints: exactly one line on
+    stderr, in the CLI's format, and no traceback."""
+    assert b"Traceback" not in result.stderr
+    lines = result.stderr.decode().splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("trio-upper: error: "), lines
+    return lines[0]
+
+
+def usage_error_line(result: subprocess.CompletedProcess[bytes], command: str) -> str:
+    """argparse's answer to bad usage: status 2, nothing on stdout, the usage
+    and then exactly one error line, no traceback."""
+    assert result.returncode == 2
+    assert result.stdout == b""
+    assert b"Traceback" not in result.stderr
+    lines = result.stderr.decode().splitlines()
+    prog = f"trio-upper {command}" if command else "trio-upper"
+    assert lines[0].startswith(f"usage: {prog} ")
+    errors = [line for line in lines if "error:" in line]
+    assert errors == [lines[-1]], lines
+    assert lines[-1].startswith(f"{prog}: error: ")
+    return lines[-1]
+
+
+def read_stdout_until(server: ServerProcess, marker: str) -> str:
+    """Read the server's stdout (after its first line) until ``marker`` has
+    appeared; return all of it. Reads the file descriptor directly, as
+    ``ServerProcess.stop`` (``communicate``) does, so nothing is lost between
+    the two."""
+    assert server.proc.stdout is not None
+    fd = server.proc.stdout.fileno()
+    seen = b""
+    deadline = time.monotonic() + PROCESS_TIMEOUT
+    while marker.encode() not in seen:
+        remaining = deadline - time.monotonic()
+        assert remaining > 0, f"the server never printed {marker!r}; got {seen!r}"
+        ready, _, _ = select.select([fd], [], [], remaining)
+        if ready:
+            chunk = os.read(fd, 4096)
+            assert chunk, f"the server's stdout ended before {marker!r}: {seen!r}"
+            seen += chunk
+    return seen.decode()
+
+
+def wait_for_exit(server: ServerProcess) -> tuple[int, str, str]:
+    """Wait for the server to exit by itself (no further signal), then
+    collect (exit status, rest of stdout, stderr)."""
+    server.proc.wait(timeout=PROCESS_TIMEOUT)
+    return server.stop()
+
+
+def recv_exactly(conn: socket.socket, size: int) -> bytes:
+    data = b""
+    while len(data) < size:
+        chunk = conn.recv(size - len(data))
+        assert chunk, f"EOF after {len(data)} of {size} bytes"
+        data += chunk
+    return data
+
+
+def recv_until_eof(conn: socket.socket) -> bytes:
+    data = b""
+    while chunk := conn.recv(65536):
+        data += chunk
+    return data
+
+
+# How often to try a new connection after SIGTERM until it is refused: the
+# listener closes right after the server prints its notice, not before.
+REFUSAL_PROBES = 100
+
+
+def wait_until_refused(port: int) -> None:
+    for _ in range(REFUSAL_PROBES):
+        try:
+            probe = socket.create_connection(("127.0.0.1", port), timeout=PROCESS_TIMEOUT)
+        except ConnectionRefusedError:
+            return
+        probe.close()
+        time.sleep(0.02)
+    pytest.fail(f"port {port} still accepted connections after {REFUSAL_PROBES} tries")
+
+
+def help_entries(text: str) -> dict[str, str]:
+    """argparse help as {invocation: help text}: ``"-p PORT, --port PORT"``
+    maps to ``"port for both ... (default: 12000)"``, whitespace normalised."""
+    entries: dict[str, str] = {}
+    current: str | None = None
+    for line in text.splitlines():
+        if re.match(r"  \S", line):
+            current, _, rest = re.sub(r"^\s+", "", line).partition("  ")
+            entries[current] = rest.strip()
+        elif current is not None and re.match(r"\s{3,}\S", line):
+            entries[current] = f"{entries[current]} {line.strip()}".strip()
+        else:
+            current = None
+    return entries
+
+
+def entry_for(entries: dict[str, str], option: str) -> str:
+    found = [
+        help_text
+        for invocation, help_text in entries.items()
+        if option in re.split(r"[,\s]+", invocation)
+    ]
+    assert len(found) == 1, f"{option} in {list(entries)}"
+    return found[0]
+
+
+# --- Version, help and usage ----------------------------------------------------
+
+
+def test_version() -> None:
+    result = run_cli("--version")
+    assert result.returncode == 0
+    assert result.stdout == f"trio-upper {trio_upper.__version__}\n".encode()
+    assert re.fullmatch(rb"trio-upper \d+\.\d+\.\d+\n", result.stdout)
+
+
+def test_top_level_help_lists_the_commands() -> None:
+    result = run_cli("--help")
+    assert result.returncode == 0
+    assert result.stderr == b""
+    text = result.stdout.decode()
+    assert text.startswith("usage: trio-upper")
+    entries = help_entries(text)
+    entry_for(entries, "--help")
+    entry_for(entries, "--version")
+    for command in ("serve", "tcp", "udp"):
+        assert re.search(rf"^\s+{command}\s+\S", text, re.MULTILINE), command
+
+
+# Every option of each command, and the default its help must state (None: a
+# flag, which has no default worth stating).
+HELP_DEFAULTS: dict[str, dict[str, str | None]] = {
+    "serve": {
+        "-h": None,
+        "--help": None,
+        "-v": None,
+        "--verbose": None,
+        "-q": None,
+        "--quiet": None,
+        "--host": "(default: all interfaces",
+        "-p": "(default: 12000)",
+        "--port": "(default: 12000)",
+        "--tcp-only": None,
+        "--udp-only": None,
+        "--ascii": "(default: all of Unicode",
+        "--grace": "(default: 5.0)",
+    },
+    "tcp": {
+        "-h": None,
+        "--help": None,
+        "-v": None,
+        "--verbose": None,
+        "-q": None,
+        "--quiet": None,
+        "HOST": "(default: localhost)",
+        "-p": "(default: 12000)",
+        "--port": "(default: 12000)",
+        "--timeout": "(default: 5.0)",
+        "--connect-timeout": "(default: 5.0)",
+    },
+    "udp": {
+        "-h": None,
+        "--help": None,
+        "-v": None,
+        "--verbose": None,
+        "-q": None,
+        "--quiet": None,
+        "HOST": "(default: localhost)",
+        "-p": "(default: 12000)",
+        "--port": "(default: 12000)",
+        "--timeout": "(default: 1.0)",
+        "--retries": "(default: 2)",
+    },
+}
+
+
+@pytest.mark.parametrize("command", sorted(HELP_DEFAULTS))
+def test_command_help_states_every_option_and_default(command: str) -> None:
+    result = run_cli(command, "--help")
+    assert result.returncode == 0
+    assert result.stderr == b""
+    text = result.stdout.decode()
+    assert text.startswith(f"usage: trio-upper {command}")
+    entries = help_entries(text)
+    for option, default in HELP_DEFAULTS[command].items():
+        help_text = entry_for(entries, option)
+        if default is not None:
+            assert default in help_text, (option, help_text)
+            assert help_text.count("(default:") == 1, (option, help_text)
+    # Nothing argparse would add on its own that tells the user nothing.
+    assert "(default: False)" not in text
+    assert "(default: None)" not in text
+
+
+def test_no_command_is_a_usage_error() -> None:
+    result = run_cli()
+    line = usage_error_line(result, "")
+    assert "COMMAND" in line
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("serve", "--port", "70000"),
+        ("serve", "--grace", "nan"),
+        ("tcp", "--port", "http"),
+        ("tcp", "--timeout", "-1"),
+        ("tcp", "--connect-timeout", "inf"),
+        ("udp", "--retries", "x"),
+        ("udp", "--timeout", "0"),
+    ],
+    ids=" ".join,
+)
+def test_bad_value_is_one_usage_error_line(args: tuple[str, str, str]) -> None:
+    command, option, value = args
+    line = usage_error_line(run_cli(*args), command)
+    assert option in line
+    assert value in line
+
+
+def test_negative_timeout_error_states_the_real_limit() -> None:
+    for value in ("-1", "0"):
+        line = usage_error_line(run_cli("tcp", "--timeout", value), "tcp")
+        assert "0 or more" not in line
+        assert "more than 0" in line
+
+
+# --- serve: what it says it serves ------------------------------------------------
+
+
+def test_serve_names_every_address_it_serves(server_process: ServerProcess) -> None:
+    line = server_process.first_line
+    port = server_process.port
+    assert port != 0
+    assert line.endswith("\n")
+    assert line.count("\n") == 1
+    assert f"tcp 127.0.0.1:{port}" in line
+    assert f"udp 127.0.0.1:{port}" in line
+    assert re.findall(r"\b(tcp|udp) (\S+?):(\d+)", line) == [
+        ("tcp", "127.0.0.1", str(port)),
+        ("udp", "127.0.0.1", str(port)),
+    ]
+
+
+def test_serve_on_all_interfaces_names_each_with_one_port() -> None:
+    server = ServerProcess(cli("serve", "--port", "0"))
+    try:
+        found = re.findall(r"\b(tcp|udp) (\S+?):(\d+)", server.first_line)
+        assert {port for _, _, port in found} == {str(server.port)}
+        tcp_hosts = {host for protocol, host, _ in found if protocol == "tcp"}
+        udp_hosts = {host for protocol, host, _ in found if protocol == "udp"}
+        assert "0.0.0.0" in tcp_hosts
+        assert tcp_hosts == udp_hosts
+    finally:
+        server.stop(signal.SIGKILL)
+
+
+# --- tcp client over a pipe -------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("sent", "expected"),
+    [
+        ("hello straße\nsecond line\n".encode(), b"HELLO STRASSE\nSECOND LINE\n"),
+        (b"no final newline", b"NO FINAL NEWLINE"),
+        (b"", b""),
+        (b"\xff\xfeabc\n", b"\xff\xfeABC\n"),
+    ],
+    ids=["utf8-lines", "no-final-newline", "empty", "invalid-utf8"],
+)
+def test_tcp_client_pipes_stdin_through_the_server(
+    server_process: ServerProcess, sent: bytes, expected: bytes
+) -> None:
+    result = run_cli("tcp", "127.0.0.1", "-p", str(server_process.port), input=sent)
+    assert result.stdout == expected
+    assert result.stderr == b""
+    assert result.returncode == 0
+
+
+# --- udp client over a pipe -------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("sent", "expected"),
+    [
+        (b"hello\nstra\xc3\x9fe\nlast", b"HELLO\nSTRASSE\nLAST\n"),
+        (b"crlf\r\nline\r\n", b"CRLF\nLINE\n"),
+        (b"before\n\nafter\n", b"BEFORE\n\nAFTER\n"),
+    ],
+    ids=["one-reply-per-line", "crlf-stripped", "empty-line"],
+)
+def test_udp_client_sends_one_datagram_per_line(
+    server_process: ServerProcess, sent: bytes, expected: bytes
+) -> None:
+    result = run_cli("udp", "127.0.0.1", "-p", str(server_process.port), input=sent)
+    assert result.stdout == expected
+    assert result.stderr == b""
+    assert result.returncode == 0
+
+
+# --- serve flags ----------------------------------------------------------------
+
+
+def test_serve_ascii_changes_only_a_to_z() -> None:
+    every_byte = bytes(range(256))
+    with serving("--ascii") as server:
+        port = str(server.port)
+        tcp = run_cli("tcp", "127.0.0.1", "-p", port, input=every_byte + "\ncafé ß\n".encode())
+        udp = run_cli("udp", "127.0.0.1", "-p", port, input="café straße\n".encode())
+    assert tcp.returncode == 0
+    assert tcp.stdout == every_byte.upper() + "\nCAFé ß\n".encode()
+    assert udp.returncode == 0
+    assert udp.stdout == "CAFé STRAßE\n".encode()
+
+
+def test_serve_tcp_only_has_no_udp() -> None:
+    with serving("--tcp-only") as server:
+        assert "udp" not in server.first_line
+        port = str(server.port)
+        tcp = run_cli("tcp", "127.0.0.1", "-p", port, input=b"tcp\n")
+        udp = run_cli("udp", "127.0.0.1", "-p", port, input=b"udp\n")
+    assert (tcp.returncode, tcp.stdout) == (0, b"TCP\n")
+    assert udp.returncode == 1
+    assert udp.stdout == b""
+    line = error_line(udp)
+    assert line.startswith("trio-upper: error: no UDP server at 127.0.0.1 port ")
+    assert line.endswith("connection refused")
+
+
+def test_serve_udp_only_has_no_tcp() -> None:
+    with serving("--udp-only") as server:
+        assert "tcp" not in server.first_line
+        port = str(server.port)
+        udp = run_cli("udp", "127.0.0.1", "-p", port, input=b"udp\n")
+        tcp = run_cli("tcp", "127.0.0.1", "-p", port, input=b"tcp\n")
+    assert (udp.returncode, udp.stdout) == (0, b"UDP\n")
+    assert tcp.returncode == 1
+    assert tcp.stdout == b""
+    line = error_line(tcp)
+    assert line.startswith("trio-upper: error: cannot connect to 127.0.0.1 port ")
+    assert line.endswith("Connection refused")
+
+
+# --- errors --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost"])
+@pytest.mark.parametrize(
+    ("command", "kind", "message"),
+    [
+        ("tcp", socket.SOCK_STREAM, "cannot connect to {host} port {port}: Connection refused"),
+        ("udp", socket.SOCK_DGRAM, "no UDP server at {host} port {port}: connection refused"),
+    ],
+    ids=["tcp", "udp"],
+)
+def test_client_without_server_is_one_error_line(
+    command: str, kind: socket.SocketKind, message: str, host: str
+) -> None:
+    port = free_port(kind)
+    result = run_cli(command, host, "-p", str(port), input=b"hello\n")
+    assert result.returncode == 1
+    assert result.stdout == b""
+    assert error_line(result) == "trio-upper: error: " + message.format(host=host, port=port)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("tcp", "no-such-host.invalid", "-p", "12000"),
+        ("udp", "no-such-host.invalid", "-p", "12000"),
+        ("serve", "--host", "no-such-host.invalid", "--port", "0"),
+    ],
+    ids=["tcp", "udp", "serve"],
+)
+def test_unresolvable_host_is_one_error_line(args: tuple[str, ...]) -> None:
+    result = run_cli(*args, input=b"hello\n")
+    assert result.returncode == 1
+    assert result.stdout == b""
+    line = error_line(result)
+    assert line.startswith("trio-upper: error: cannot resolve host 'no-such-host.invalid'")
+
+
+def test_port_in_use_is_one_error_line(server_process: ServerProcess) -> None:
+    port = str(server_process.port)
+    second = run_cli("serve", "--host", "127.0.0.1", "--port", port)
+    assert second.returncode == 1
+    assert second.stdout == b""
+    line = error_line(second)
+    assert f"127.0.0.1 port {port}" in line
+    assert "Address already in use" in line
+    # The first server is untouched.
+    still = run_cli("tcp", "127.0.0.1", "-p", port, input=b"still here\n")
+    assert (still.returncode, still.stdout) == (0, b"STILL HERE\n")
+
+
+# --- stopping the server -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_signal_stops_server_with_summary(
+    server_process: ServerProcess, sig: signal.Signals
+) -> None:
+    port = str(server_process.port)
+    tcp = run_cli("tcp", "127.0.0.1", "-p", port, input=b"one\n")
+    udp = run_cli("udp", "127.0.0.1", "-p", port, input=b"two\nthree\n")
+    assert (tcp.returncode, tcp.stdout) == (0, b"ONE\n")
+    assert (udp.returncode, udp.stdout) == (0, b"TWO\nTHREE\n")
+
+    status, out, err = server_process.stop(sig)
+    assert status == 0
+    assert "Traceback" not in err
+    assert out.endswith("\n")
+    assert out.splitlines()[-1] == "Stopped: served 1 TCP connection and 2 datagrams."
+
+
+def test_sigterm_lets_open_connection_finish_and_refuses_new_ones(
+    server_process: ServerProcess,
+) -> None:
+    port = server_process.port
+    with socket.create_connection(("127.0.0.1", port), timeout=PROCESS_TIMEOUT) as conn:
+        conn.sendall(b"abc")
+        # The reply proves the server accepted the connection before SIGTERM.
+        received = recv_exactly(conn, 3)
+        server_process.proc.send_signal(signal.SIGTERM)
+        notice = read_stdout_until(server_process, "\n")
+        assert notice.startswith("SIGTERM: refusing new connections")
+        assert "1 open connection" in notice
+        wait_until_refused(port)
+        # Still within the grace period: the open connection works on.
+        conn.sendall(b"def")
+        conn.shutdown(socket.SHUT_WR)
+        received += recv_until_eof(conn)
+    assert received == b"ABCDEF"
+
+    status, out, err = wait_for_exit(server_process)
+    assert status == 0
+    assert "Traceback" not in err
+    summary = (notice + out).splitlines()[-1]
+    assert summary.startswith("Stopped: served ")
+    assert "cut off" not in summary
+
+
+def test_sigterm_cuts_off_idle_connection_after_grace() -> None:
+    with (
+        serving("--grace", "0.5") as server,
+        socket.create_connection(("127.0.0.1", server.port), timeout=PROCESS_TIMEOUT) as conn,
+    ):
+        conn.sendall(b"x")
+        assert recv_exactly(conn, 1) == b"X"
+        server.proc.send_signal(signal.SIGTERM)
+        # The idle connection is closed by the server at the end of the grace.
+        assert recv_until_eof(conn) == b""
+        status, out, err = wait_for_exit(server)
+    assert status == 0
+    assert "Traceback" not in err
+    lines = out.splitlines()
+    assert lines[0].startswith("SIGTERM: refusing new connections; waiting up to 0.5 s")
+    assert lines[-1] == (
+        "Stopped: served 1 TCP connection and 0 datagrams; "
+        "1 connection cut off at the end of the grace period."
+    )
+
+
+def test_second_signal_stops_at_once(server_process: ServerProcess) -> None:
+    with socket.create_connection(
+        ("127.0.0.1", server_process.port), timeout=PROCESS_TIMEOUT
+    ) as conn:
+        conn.sendall(b"x")
+        assert recv_exactly(conn, 1) == b"X"
+        server_process.proc.send_signal(signal.SIGTERM)
+        notice = read_stdout_until(server_process, "Ctrl-C again to stop now")
+        server_process.proc.send_signal(signal.SIGINT)
+        assert recv_until_eof(conn) == b""
+        status, out, err = wait_for_exit(server_process)
+    assert status == 0
+    assert "Traceback" not in err
+    lines = (notice + out).splitlines()
+    assert "Stopping now." in lines
+    assert lines[-1].endswith("1 connection cut off at the end of the grace period.")
+
+
+# --- a big input through the tcp client ----------------------------------------------
+
+BIG_INPUT_SIZE = 200_000_000
+PATTERN = b"hello world\n"
+READ_SIZE = 1 << 20
+# Peak resident memory the client may reach (ru_maxrss is in KiB on Linux): a
+# Python with trio is about 35 MiB; holding the input or output would be 200.
+MAX_CLIENT_RSS_KIB = 150 * 1024
+
+
+def test_tcp_client_streams_200_mb_in_bounded_memory(server_process: ServerProcess) -> None:
+    block = PATTERN * (READ_SIZE // len(PATTERN))
+    expected = PATTERN.upper() * (READ_SIZE // len(PATTERN) + 2)
+    proc = subprocess.Popen(
+        cli("tcp", "127.0.0.1", "-p", str(server_process.port)),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert proc.stdin is not None
+    assert proc.stdout is not None
+    assert proc.stderr is not None
+    stdin = proc.stdin
+
+    def feed() -> None:
+        # A client that dies early breaks the pipe: the reader side reports it.
+        with contextlib.suppress(BrokenPipeError), stdin:
+            left = BIG_INPUT_SIZE
+            while left:
+                chunk = block[:left]
+                stdin.write(chunk)
+                left -= len(chunk)
+
+    feeder = threading.Thread(target=feed, daemon=True)
+    watchdog = threading.Timer(PROCESS_TIMEOUT, proc.kill)
+    total = 0
+    mismatch_at: int | None = None
+    try:
+        feeder.start()
+        watchdog.start()
+        fd = proc.stdout.fileno()
+        while data := os.read(fd, READ_SIZE):
+            offset = total % len(PATTERN)
+            if data != expected[offset : offset + len(data)]:
+                mismatch_at = total
+                break
+            total += len(data)
+        _, wait_status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(wait_status)
+        errors = proc.stderr.read()
+    finally:
+        watchdog.cancel()
+        if proc.returncode is None:
+            proc.kill()
+            proc.wait(timeout=PROCESS_TIMEOUT)
+        feeder.join(timeout=PROCESS_TIMEOUT)
+        proc.stdout.close()
+        proc.stderr.close()
+
+    assert mismatch_at is None, f"output differs from the uppercase at byte {mismatch_at}"
+    assert total == BIG_INPUT_SIZE
+    assert errors == b""
+    assert proc.returncode == 0
+    assert usage.ru_maxrss < MAX_CLIENT_RSS_KIB, f"client peaked at {usage.ru_maxrss} KiB"

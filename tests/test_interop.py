@@ -1,0 +1,166 @@
+"""The lecture's four programs (tests/lecture, Python 3 ports) against
+trio-upper, and trio-upper's clients against the lecture's servers, all as
+subprocesses on this machine."""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import signal
+import subprocess
+import threading
+from collections.abc import Iterator
+
+from .conftest import PROCESS_TIMEOUT, ServerProcess, cli, lecture_program, run_cli
+
+# The lecture servers read at most this much per connection or datagram.
+LECTURE_RECEIVE_SIZE = 2048
+
+
+@contextlib.contextmanager
+def lecture_server(name: str) -> Iterator[ServerProcess]:
+    """The lecture's TCPServer or UDPServer on a port of the OS's choosing
+    (IPv4, all interfaces); killed at the end."""
+    server = ServerProcess(lecture_program(name, "0"))
+    try:
+        yield server
+    finally:
+        server.stop(signal.SIGKILL)
+
+
+def run_lecture(name: str, port: int, input: bytes) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(
+        lecture_program(name, str(port)),
+        input=input,
+        capture_output=True,
+        timeout=PROCESS_TIMEOUT,
+        check=False,
+    )
+
+
+# --- The lecture's clients against our server -------------------------------------
+
+
+def test_lecture_tcp_client_against_our_server(server_process: ServerProcess) -> None:
+    result = run_lecture("TCPClient", server_process.port, b"hello lecture\n")
+    assert result.returncode == 0, result.stderr
+    assert b"From Server: HELLO LECTURE" in result.stdout
+
+    status, out, err = server_process.stop()
+    assert status == 0
+    assert err == ""
+    assert out.splitlines()[-1] == "Stopped: served 1 TCP connection and 0 datagrams."
+
+
+def test_lecture_udp_client_against_our_server(server_process: ServerProcess) -> None:
+    result = run_lecture("UDPClient", server_process.port, b"hello lecture\n")
+    assert result.returncode == 0, result.stderr
+    assert b"HELLO LECTURE" in result.stdout
+
+    status, out, err = server_process.stop()
+    assert status == 0
+    assert err == ""
+    assert out.splitlines()[-1] == "Stopped: served 0 TCP connections and 1 datagram."
+
+
+# --- Our clients against the lecture's servers -------------------------------------
+
+
+def test_our_tcp_client_against_lecture_server_gets_the_reply() -> None:
+    with lecture_server("TCPServer") as server:
+        result = run_cli("tcp", "localhost", "-p", str(server.port), input=b"hello\n")
+    assert result.stdout == b"HELLO\n"
+    assert result.stderr == b""
+    assert result.returncode == 0
+
+
+# How long the next test keeps the client's stdin open after the reply has
+# come back, before it closes it. Not a measurement: a client that waits for
+# the end of its input sees it then and exits 0; only a client that decides
+# before it has read that end exits earlier.
+STDIN_HELD_OPEN = 2.0
+
+
+def test_our_tcp_client_judges_only_input_it_has_read() -> None:
+    with lecture_server("TCPServer") as server:
+        proc = subprocess.Popen(
+            cli("tcp", "localhost", "-p", str(server.port)),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        assert proc.stdin is not None
+        assert proc.stdout is not None
+        assert proc.stderr is not None
+        watchdog = threading.Timer(PROCESS_TIMEOUT, proc.kill)
+        watchdog.start()
+        try:
+            proc.stdin.write(b"hello\n")
+            proc.stdin.flush()
+            # The lecture server has answered (and is closing); the input has
+            # had no more lines, but its end has not come yet.
+            reply = proc.stdout.readline()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=STDIN_HELD_OPEN)
+            proc.stdin.close()
+            proc.wait(timeout=PROCESS_TIMEOUT)
+            out, err = proc.stdout.read(), proc.stderr.read()
+        finally:
+            watchdog.cancel()
+            if proc.returncode is None:
+                proc.kill()
+                proc.wait(timeout=PROCESS_TIMEOUT)
+            with contextlib.suppress(BrokenPipeError):
+                proc.stdin.close()
+            proc.stdout.close()
+            proc.stderr.close()
+    assert reply + out == b"HELLO\n"
+    assert err == b""
+    assert proc.returncode == 0
+
+
+def test_our_tcp_client_reports_lecture_server_closing_early() -> None:
+    # 200 lines of 50 bytes: the lecture server reads 2048 of them, answers,
+    # and closes.
+    lines = [b"line %03d " % n + b"x" * 40 + b"\n" for n in range(200)]
+    assert {len(line) for line in lines} == {50}
+    sent = b"".join(lines)
+    with lecture_server("TCPServer") as server:
+        result = run_cli("tcp", "localhost", "-p", str(server.port), input=sent)
+
+    assert result.returncode == 1
+    assert sent.upper().startswith(result.stdout)
+    assert len(result.stdout) <= LECTURE_RECEIVE_SIZE
+    assert b"Traceback" not in result.stderr
+    errors = result.stderr.decode().splitlines()
+    assert len(errors) == 1, errors
+    found = re.fullmatch(
+        r"trio-upper: error: the server closed the connection "
+        r"(?:early; (\d+) of 200 lines|before all input was sent; (\d+) lines?) answered",
+        errors[0],
+    )
+    assert found is not None, errors[0]
+    answered = int(found.group(1) or found.group(2))
+    assert answered == result.stdout.count(b"\n")
+
+
+def test_our_udp_client_against_lecture_server_via_localhost() -> None:
+    # The lecture server is IPv4 only; localhost may resolve to ::1 first,
+    # and the client must then fall back to 127.0.0.1.
+    with lecture_server("UDPServer") as server:
+        result = run_cli("udp", "localhost", "-p", str(server.port), input=b"hello\nworld\n")
+    assert result.stdout == b"HELLO\nWORLD\n"
+    assert result.stderr == b""
+    assert result.returncode == 0
+
+
+def test_our_udp_client_gets_lecture_servers_truncated_reply() -> None:
+    # The lecture server's recvfrom(2048) cuts a longer datagram: the reply is
+    # the uppercase of its first 2048 bytes. That is the lecture's behaviour;
+    # our client prints what came back, as one line.
+    line = bytes(ord("a") + n % 26 for n in range(3000))
+    with lecture_server("UDPServer") as server:
+        result = run_cli("udp", "localhost", "-p", str(server.port), input=line + b"\n")
+    assert result.stdout == line[:LECTURE_RECEIVE_SIZE].upper() + b"\n"
+    assert result.stderr == b""
+    assert result.returncode == 0
