@@ -10,6 +10,7 @@ import pytest
 import trio
 import trio.testing
 
+from trio_upper.client import udp_session
 from trio_upper.errors import UserError
 from trio_upper.server import Endpoint, ServerConfig, UpperServer
 from trio_upper.tcp import handle_stream
@@ -112,6 +113,40 @@ async def test_empty_datagram_gets_empty_reply(loopback: LoopbackServer) -> None
         await sock.connect(("127.0.0.1", loopback.port))
         await sock.send(b"")
         assert await sock.recv(100) == b""
+
+
+def ipv6_loopback_works() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not ipv6_loopback_works(), reason="no IPv6 loopback here")
+async def test_udp_client_falls_back_from_refusing_ipv6_to_ipv4(
+    loopback: LoopbackServer,
+) -> None:
+    # The loopback server is IPv4 only, like the lecture's UDPServer; the
+    # client tries ::1 first, as it would for "localhost" on many systems, and
+    # the real ICMP port unreachable sends it on to 127.0.0.1.
+    lines = [b"first", b"second", None]
+    out: list[bytes] = []
+
+    async def read_line() -> bytes | None:
+        return lines.pop(0)
+
+    async def write(data: bytes) -> None:
+        out.append(data)
+
+    addresses = [
+        (socket.AF_INET6, ("::1", loopback.port, 0, 0)),
+        (socket.AF_INET, ("127.0.0.1", loopback.port)),
+    ]
+    answered = await udp_session(addresses, read_line, write, where="localhost", timeout=5)
+    assert answered == 2
+    assert out == [b"FIRST\n", b"SECOND\n"]
 
 
 async def test_default_host_serves_every_family(nursery: trio.Nursery) -> None:
