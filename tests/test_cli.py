@@ -111,20 +111,9 @@ def recv_until_eof(conn: socket.socket) -> bytes:
     return data
 
 
-# How often to try a new connection after SIGTERM until it is refused: the
-# listener closes right after the server prints its notice, not before.
-REFUSAL_PROBES = 100
-
-
-def wait_until_refused(port: int) -> None:
-    for _ in range(REFUSAL_PROBES):
-        try:
-            probe = socket.create_connection(("127.0.0.1", port), timeout=PROCESS_TIMEOUT)
-        except ConnectionRefusedError:
-            return
-        probe.close()
-        time.sleep(0.02)
-    pytest.fail(f"port {port} still accepted connections after {REFUSAL_PROBES} tries")
+def assert_refused(port: int) -> None:
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", port), timeout=PROCESS_TIMEOUT).close()
 
 
 def help_entries(text: str) -> dict[str, str]:
@@ -474,7 +463,7 @@ def test_sigterm_lets_open_connection_finish_and_refuses_new_ones(
         notice = read_stdout_until(server_process, "\n")
         assert notice.startswith("SIGTERM: refusing new connections")
         assert "1 open connection" in notice
-        wait_until_refused(port)
+        assert_refused(port)  # the notice is printed once listening has stopped
         # Still within the grace period: the open connection works on.
         conn.sendall(b"def")
         conn.shutdown(socket.SHUT_WR)
@@ -592,3 +581,65 @@ def test_tcp_client_streams_200_mb_in_bounded_memory(server_process: ServerProce
     assert errors == b""
     assert proc.returncode == 0
     assert usage.ru_maxrss < MAX_CLIENT_RSS_KIB, f"client peaked at {usage.ru_maxrss} KiB"
+
+
+def test_verbose_server_logs_each_connection() -> None:
+    with serving("-v") as server:
+        result = run_cli("tcp", "127.0.0.1", "-p", str(server.port), input=b"hi\n")
+        assert result.stdout == b"HI\n"
+        status, _, err = server.stop(signal.SIGTERM)
+    assert status == 0
+    assert re.search(r"DEBUG trio_upper\.tcp: 127\.0\.0\.1:\d+: connected", err)
+    assert re.search(r"DEBUG trio_upper\.tcp: 127\.0\.0\.1:\d+: closed after 3 bytes", err)
+
+
+def test_quiet_server_prints_nothing_but_serves() -> None:
+    port = free_port(socket.SOCK_STREAM)
+    proc = subprocess.Popen(
+        cli("serve", "-q", "--host", "127.0.0.1", "--port", str(port)),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        # No ready line to wait for: try the client (each run takes a good
+        # fraction of a second to start) until the server is up.
+        for _ in range(100):
+            result = run_cli("udp", "127.0.0.1", "-p", str(port), "--retries", "0", input=b"q\n")
+            if result.returncode == 0:
+                break
+        assert result.stdout == b"Q\n"
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=PROCESS_TIMEOUT)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate(timeout=PROCESS_TIMEOUT)
+    assert proc.returncode == 0
+    assert out == b""
+    assert err == b""
+
+
+def test_client_interrupted_by_ctrl_c_exits_130_quietly(server_process: ServerProcess) -> None:
+    # A client in stream mode, its stdin open and idle, gets SIGINT.
+    proc = subprocess.Popen(
+        cli("tcp", "127.0.0.1", "-p", str(server_process.port)),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert proc.stdin is not None
+    assert proc.stdout is not None
+    try:
+        proc.stdin.write(b"ready?\n")
+        proc.stdin.flush()
+        assert proc.stdout.readline() == b"READY?\n"  # connected and running
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=PROCESS_TIMEOUT)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate(timeout=PROCESS_TIMEOUT)
+    assert proc.returncode == 130
+    assert out == b""
+    assert b"Traceback" not in err
+    assert err.strip() == b""

@@ -201,7 +201,7 @@ async def test_unresolvable_host_is_a_user_error() -> None:
 
 async def test_shutdown_refuses_new_connections(loopback: LoopbackServer) -> None:
     loopback.server.shutdown(grace=0)
-    await trio.testing.wait_all_tasks_blocked()
+    await loopback.server.stopped_accepting()
     with pytest.raises(OSError, match="all attempts to connect"):
         await loopback.connect()
 

@@ -238,6 +238,7 @@ async def _serve(args: argparse.Namespace) -> None:
                     server.shutdown(grace=0)
                     continue
                 server.shutdown()
+                await server.stopped_accepting()
                 name = signal.Signals(signum).name
                 if server.stats.active:
                     _say(

@@ -216,6 +216,7 @@ class UpperServer:
         self.stats = ServerStats()
         self._accepting = trio.CancelScope()
         self._handlers = trio.CancelScope()
+        self._not_accepting = trio.Event()
 
     async def run(
         self, *, task_status: trio.TaskStatus[list[Endpoint]] = trio.TASK_STATUS_IGNORED
@@ -280,6 +281,7 @@ class UpperServer:
                             )
                         logger.debug("serving on %s", ", ".join(map(str, served)))
                         task_status.started(served)
+                self._not_accepting.set()
                 logger.debug("stopped accepting; %d connections open", self.stats.active)
         return self.stats
 
@@ -295,6 +297,11 @@ class UpperServer:
         self._accepting.cancel()
         deadline = trio.current_time() + grace
         self._handlers.deadline = min(self._handlers.deadline, deadline)
+
+    async def stopped_accepting(self) -> None:
+        """Wait until, after :meth:`shutdown`, the listeners and UDP sockets
+        are closed: from then on new connections are refused."""
+        await self._not_accepting.wait()
 
     @property
     def stopping(self) -> bool:
