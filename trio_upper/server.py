@@ -257,33 +257,50 @@ class UpperServer:
         served += [_endpoint("udp", sock.getsockname()) for sock in udp_sockets]
         with self._handlers:
             async with trio.open_nursery() as handlers:
-                with self._accepting, contextlib.ExitStack() as udp_closer:
-                    for sock in udp_sockets:
-                        udp_closer.enter_context(sock)
-                    async with trio.open_nursery() as accepting:
-                        if listeners:
-                            accepting.start_soon(
-                                partial(
-                                    trio.serve_listeners,
-                                    self._handle,
-                                    list(listeners),
-                                    handler_nursery=handlers,
-                                )
-                            )
-                        for sock in udp_sockets:
-                            accepting.start_soon(
-                                partial(
-                                    serve_udp,
-                                    sock,
-                                    ascii_only=self.config.ascii_only,
-                                    on_datagram=self.stats.count_datagram,
-                                )
-                            )
-                        logger.debug("serving on %s", ", ".join(map(str, served)))
-                        task_status.started(served)
-                self._not_accepting.set()
+                try:
+                    await self._accept(listeners, udp_sockets, handlers, served, task_status)
+                finally:
+                    # In a finally: a zero grace cancels the handler scope at
+                    # the same moment, and its Cancelled passes through here.
+                    self._not_accepting.set()
                 logger.debug("stopped accepting; %d connections open", self.stats.active)
         return self.stats
+
+    async def _accept(
+        self,
+        listeners: Sequence[_TcpListener],
+        udp_sockets: Sequence[trio.socket.SocketType],
+        handlers: trio.Nursery,
+        served: list[Endpoint],
+        task_status: trio.TaskStatus[list[Endpoint]],
+    ) -> None:
+        """Accept connections (their handlers go to ``handlers``) and answer
+        datagrams until :meth:`shutdown` cancels this; then close every
+        listener and UDP socket."""
+        with self._accepting, contextlib.ExitStack() as udp_closer:
+            for sock in udp_sockets:
+                udp_closer.enter_context(sock)
+            async with trio.open_nursery() as accepting:
+                if listeners:
+                    accepting.start_soon(
+                        partial(
+                            trio.serve_listeners,
+                            self._handle,
+                            list(listeners),
+                            handler_nursery=handlers,
+                        )
+                    )
+                for sock in udp_sockets:
+                    accepting.start_soon(
+                        partial(
+                            serve_udp,
+                            sock,
+                            ascii_only=self.config.ascii_only,
+                            on_datagram=self.stats.count_datagram,
+                        )
+                    )
+                logger.debug("serving on %s", ", ".join(map(str, served)))
+                task_status.started(served)
 
     def shutdown(self, grace: float | None = None) -> None:
         """Stop accepting now; cancel connections still open ``grace`` seconds
