@@ -194,6 +194,96 @@ async def tcp_interactive(
     return answered
 
 
+class _StreamCopy:
+    """The state of one :func:`tcp_stream` run: its two tasks and the
+    watchdog that bounds each wait for the server."""
+
+    def __init__(
+        self,
+        stream: trio.abc.HalfCloseableStream,
+        source: trio.abc.ReceiveStream,
+        sink: trio.abc.SendStream,
+        timeout: float,
+    ) -> None:
+        self.stream, self.source, self.sink, self.timeout = stream, source, sink, timeout
+        self.sent = _LineCount()
+        self.answered = _LineCount()
+        self.sent_since_reply = False
+        self.input_ended = False
+        self.server_stopped_reading = False
+        self.writing_output = False
+        self.pump_done = trio.Event()
+        # Cancelled when the server has owed us something for `timeout`
+        # seconds without making progress. Its deadline moves with every
+        # event (see _rearm), so it is the one timer for sends and replies.
+        self.watchdog = trio.CancelScope()
+
+    def _rearm(self) -> None:
+        """Restart the watchdog if we are waiting for the server, else stop it.
+
+        We wait for the server while it owes us reply lines or bytes, or its
+        end of stream after ours. We do not while we write our own output: a
+        slow reader of our stdout stalls the server through TCP flow control,
+        and that is not the server's fault.
+        """
+        owed = (
+            self.input_ended
+            or self.sent_since_reply
+            or self.sent.newlines > self.answered.newlines
+        )
+        if owed and not self.writing_output:
+            self.watchdog.deadline = trio.current_time() + self.timeout
+        else:
+            self.watchdog.deadline = math.inf
+
+    async def pump(self) -> None:
+        """Copy the source to the server, then half-close."""
+        try:
+            while data := bytes(await self.source.receive_some(_CHUNK)):
+                self.sent.add(data)
+                self.sent_since_reply = True
+                self._rearm()
+                try:
+                    await self.stream.send_all(data)
+                except trio.BrokenResourceError:
+                    self.server_stopped_reading = True
+                    return
+                self._rearm()  # the server took it: progress
+            self.input_ended = True
+            self._rearm()
+            with contextlib.suppress(trio.BrokenResourceError):
+                await self.stream.send_eof()
+        finally:
+            self.pump_done.set()
+
+    async def copy_replies(self) -> None:
+        """Copy the server's bytes to the sink until the server's EOF."""
+        with self.watchdog:
+            while data := await _receive(self.stream):
+                self.answered.add(data)
+                self.sent_since_reply = False
+                self.writing_output = True
+                self._rearm()
+                await self.sink.send_all(data)
+                self.writing_output = False
+                self._rearm()
+        if self.watchdog.cancelled_caught:
+            raise UserError(f"the server did not respond within {self.timeout:g} s")
+
+    def check_complete(self) -> None:
+        """Raise if the server closed with input unsent or unanswered."""
+        if self.server_stopped_reading or not self.input_ended:
+            raise UserError(
+                "the server closed the connection before all input was sent; "
+                f"{plural(self.answered.newlines, 'line')} answered"
+            )
+        if not self.answered.answers(self.sent):
+            raise UserError(
+                "the server closed the connection early; "
+                f"{self.answered.newlines} of {plural(self.sent.lines, 'line')} answered"
+            )
+
+
 async def tcp_stream(
     stream: trio.abc.HalfCloseableStream,
     source: trio.abc.ReceiveStream,
@@ -205,15 +295,19 @@ async def tcp_stream(
     ``sink``, both at once; half-close after the end of ``source``; return
     when the server ends its reply stream.
 
-    The timeout bounds each send (a server that stops reading) and, once all
-    of ``source`` has been sent, each wait for more reply. While ``source``
-    is still open the client is waiting for its input, not for the server.
+    Args:
+      stream: The connection to the server.
+      source: The input (stdin). Read in chunks of at most 64 KiB.
+      sink: Where replies go (stdout).
+      timeout: The longest the server may owe us something (reply bytes for
+          input sent, the taking of input, or its end of stream after ours)
+          without any progress. Time spent writing to ``sink`` does not count,
+          nor time spent waiting for input while nothing is owed.
 
     A server may close first (the lecture's TCPServer answers one read and
-    closes). Then the client waits up to ``timeout`` more for the end of
-    ``source``, to tell whether any input went unanswered: input that arrives
-    after the server closed is an error; an end of input, or no more input
-    in that time, is not.
+    closes). The client then waits up to ``timeout`` more for the end of
+    ``source``: if it comes, and every line sent was answered, all is well;
+    otherwise input went unanswered, which is an error.
 
     Memory stays bounded whatever the input size: at most one chunk is in
     hand in each direction, and ``send_all`` waits for the server to read.
@@ -222,63 +316,20 @@ async def tcp_stream(
       ``stream`` is closed on return; ``source`` and ``sink`` are left open.
 
     Raises:
-      UserError: timeout, or the server closed the connection before
-          answering every line of input (what it did send is written first).
+      UserError: the server did not respond in time, or closed the connection
+          before answering every line of input (what it did send is written
+          first).
     """
-    sent = _LineCount()
-    answered = _LineCount()
-    input_ended = False
-    server_stopped_reading = False
-    pump_done = trio.Event()
-    # The scope of the read in progress, so that the end of input can put a
-    # deadline on a read that started while input was still flowing.
-    reading = trio.CancelScope()
-
-    async def pump() -> None:
-        nonlocal input_ended, server_stopped_reading
-        try:
-            while data := bytes(await source.receive_some(_CHUNK)):
-                sent.add(data)
-                if not await _send(stream, data, timeout):
-                    server_stopped_reading = True
-                    return
-            input_ended = True
-            reading.deadline = trio.current_time() + timeout
-            with contextlib.suppress(trio.BrokenResourceError):
-                await stream.send_eof()
-        finally:
-            pump_done.set()
-
+    copy = _StreamCopy(stream, source, sink, timeout)
     with bare_user_error():
         async with stream, trio.open_nursery() as nursery:
-            nursery.start_soon(pump)
-            while True:
-                with trio.CancelScope() as reading:
-                    if input_ended:
-                        reading.deadline = trio.current_time() + timeout
-                    data = await _receive(stream)
-                if reading.cancelled_caught:
-                    raise UserError(f"no reply from the server within {timeout:g} s")
-                if not data:
-                    break
-                answered.add(data)
-                await sink.send_all(data)
-            # The server is done talking. Give the pump the chance to show
-            # whether input remains, then stop it.
+            nursery.start_soon(copy.pump)
+            await copy.copy_replies()
+            # The server is done. Let the input show whether it was too.
             with trio.move_on_after(timeout):
-                await pump_done.wait()
+                await copy.pump_done.wait()
             nursery.cancel_scope.cancel()
-
-    if server_stopped_reading:
-        raise UserError(
-            "the server closed the connection before all input was sent; "
-            f"{plural(answered.newlines, 'line')} answered"
-        )
-    if not answered.answers(sent):
-        raise UserError(
-            "the server closed the connection early; "
-            f"{answered.newlines} of {plural(sent.lines, 'line')} answered"
-        )
+    copy.check_complete()
 
 
 # --- UDP ---------------------------------------------------------------------
