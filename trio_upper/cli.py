@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import signal
 import sys
@@ -64,9 +65,9 @@ def _seconds(text: str, *, zero_ok: bool = True) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    # Written so that NaN fails too: every comparison with NaN is false.
-    in_range = (value >= 0 if zero_ok else value > 0) and value != float("inf")
-    if not in_range:
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"seconds must be a finite number, not {text}")
+    if value < 0 or (value == 0 and not zero_ok):
         limit = "0 or more" if zero_ok else "more than 0"
         raise argparse.ArgumentTypeError(f"seconds must be {limit}, not {text}")
     return value
@@ -207,8 +208,18 @@ def _client_target(command: argparse.ArgumentParser) -> None:
 
 
 def _say(args: argparse.Namespace, message: str) -> None:
-    if not args.quiet:
+    """Print a status line unless -q. A server whose stdout has gone (a
+    closed pipe, a full disk) keeps serving: it just stops saying so."""
+    if args.quiet:
+        return
+    try:
         print(message, flush=True)
+    except OSError:
+        # Point fd 1 at /dev/null so that no later write, nor the flush at
+        # exit, fails again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, _STDOUT)
+        os.close(devnull)
 
 
 async def _serve(args: argparse.Namespace) -> None:
@@ -316,8 +327,20 @@ def _exit_status(exc: BaseException, verbose: bool) -> int:
     return EXIT_ERROR
 
 
+def _open_missing_std_fds() -> None:
+    """Give a closed stdin, stdout or stderr /dev/null instead (as a shell's
+    ``<&-`` leaves them): otherwise the next file or socket opened would take
+    that number, and the clients would read from it or write into it."""
+    for fd in (_STDIN, _STDOUT, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            os.open(os.devnull, os.O_RDWR)  # takes the lowest free number: fd
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit status."""
+    _open_missing_std_fds()
     args = build_parser().parse_args(argv)
     _configure_logging(args)
     run: Callable[[argparse.Namespace], Awaitable[None]] = args.run

@@ -98,7 +98,7 @@ async def connect_tcp(host: str, port: int, *, timeout: float) -> trio.SocketStr
             f"timed out after {timeout:g} s connecting to {host} port {port}"
         ) from None
     except socket.gaierror as exc:
-        raise UserError(f"cannot resolve host {host!r}: {exc.strerror}") from None
+        raise UserError.unresolvable(host, exc) from None
     except OSError as exc:
         raise UserError(f"cannot connect to {host} port {port}: {_reason(exc)}") from None
 
@@ -365,7 +365,7 @@ async def resolve_udp(host: str, port: int) -> list[Address]:
     try:
         infos = await trio.socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
     except socket.gaierror as exc:
-        raise UserError(f"cannot resolve host {host!r}: {exc.strerror}") from None
+        raise UserError.unresolvable(host, exc) from None
     return [(family, sockaddr) for family, _, _, _, sockaddr in infos]
 
 
@@ -481,9 +481,12 @@ class FdReceiveStream(trio.abc.ReceiveStream):
         self._fd = fd
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
-        return await trio.to_thread.run_sync(
-            os.read, self._fd, max_bytes or _CHUNK, abandon_on_cancel=True
-        )
+        try:
+            return await trio.to_thread.run_sync(
+                os.read, self._fd, max_bytes or _CHUNK, abandon_on_cancel=True
+            )
+        except OSError as exc:
+            raise UserError(f"cannot read input: {exc.strerror}") from None
 
     async def aclose(self) -> None:
         await trio.lowlevel.checkpoint()
@@ -535,9 +538,12 @@ def pipe_line_reader(fd: int, limit: int) -> LineSource:
     file = os.fdopen(os.dup(fd), "rb")
 
     async def read_line() -> bytes | None:
-        line: bytes = await trio.to_thread.run_sync(
-            file.readline, limit + 2, abandon_on_cancel=True
-        )
+        try:
+            line: bytes = await trio.to_thread.run_sync(
+                file.readline, limit + 2, abandon_on_cancel=True
+            )
+        except OSError as exc:
+            raise UserError(f"cannot read input: {exc.strerror}") from None
         if not line:
             file.close()
             return None

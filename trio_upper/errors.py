@@ -9,7 +9,7 @@ from collections.abc import Iterator
 if sys.version_info < (3, 11):  # pragma: no cover - trio installs the backport
     from exceptiongroup import BaseExceptionGroup
 
-__all__ = ["UserError", "bare_user_error", "leaves", "plural"]
+__all__ = ["UserError", "bare_user_error", "host_port", "leaves", "plural"]
 
 
 class UserError(Exception):
@@ -18,6 +18,16 @@ class UserError(Exception):
     The CLI prints ``str(error)`` on stderr and exits with status 1; nothing
     else is shown, so the message must say what failed and why.
     """
+
+    @classmethod
+    def unresolvable(cls, host: str | None, exc: OSError) -> UserError:
+        """The error for a name the resolver does not know."""
+        return cls(f"cannot resolve host {host!r}: {exc.strerror}")
+
+
+def host_port(host: str, port: int) -> str:
+    """``127.0.0.1:80`` or ``[::1]:80``, for messages and logs."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def plural(n: int, word: str, plural_form: str | None = None) -> str:

@@ -25,11 +25,11 @@ import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import trio
 
-from .errors import UserError
+from .errors import UserError, host_port
 from .tcp import handle_stream
 from .udp import serve_udp
 
@@ -84,7 +84,7 @@ class ServerStats:
     cut_off: int = 0
     datagrams: int = 0
 
-    def count_datagram(self, size: int) -> None:
+    def count_datagram(self) -> None:
         self.datagrams += 1
 
 
@@ -96,12 +96,11 @@ class Endpoint(NamedTuple):
     port: int
 
     def __str__(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{self.protocol} {host}:{self.port}"
+        return f"{self.protocol} {host_port(self.host, self.port)}"
 
 
-def _endpoint(protocol: str, sockaddr: tuple[object, ...]) -> Endpoint:
-    return Endpoint(protocol, str(sockaddr[0]), int(str(sockaddr[1])))
+def _endpoint(protocol: str, sockaddr: tuple[Any, ...]) -> Endpoint:
+    return Endpoint(protocol, sockaddr[0], sockaddr[1])
 
 
 def _listener_endpoint(listener: _TcpListener) -> Endpoint:
@@ -197,7 +196,7 @@ async def bind(
                     raise
         raise OSError(errno.EADDRINUSE, "no port was free on both TCP and UDP")
     except socket.gaierror as exc:
-        raise UserError(f"cannot resolve host {config.host!r}: {exc.strerror}") from exc
+        raise UserError.unresolvable(config.host, exc) from exc
     except OSError as exc:
         reason = exc.strerror or str(exc)
         raise UserError(f"cannot serve on {_where(config.host, config.port)}: {reason}") from exc

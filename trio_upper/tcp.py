@@ -13,6 +13,7 @@ import logging
 
 import trio
 
+from .errors import host_port
 from .transform import Uppercaser
 
 __all__ = ["describe_peer", "handle_stream"]
@@ -33,8 +34,7 @@ def describe_peer(stream: trio.abc.Stream) -> str:
             peer = stream.socket.getpeername()
         except OSError:
             return "<disconnected peer>"
-        host, port = peer[0], peer[1]
-        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        return host_port(peer[0], peer[1])
     return f"<{type(stream).__name__}>"
 
 

@@ -34,8 +34,8 @@ _ERRORS = "surrogateescape"
 
 # The largest factor by which the UTF-8 transform can grow its input, in bytes:
 # U+0390 (2 bytes) uppercases to three code points of 2 bytes each. The test
-# suite checks this bound against every code point. Callers that must bound a
-# reply (UDP) or a buffer use it; --ascii never grows anything.
+# suite checks this bound against every code point; the README quotes it, as
+# the most reply bytes one request byte can cause. --ascii never grows.
 MAX_GROWTH = 3
 
 

@@ -59,19 +59,21 @@ async def serve_udp(
     sock: trio.socket.SocketType,
     *,
     ascii_only: bool = False,
-    on_datagram: Callable[[int], object] | None = None,
+    on_datagram: Callable[[], object] | None = None,
 ) -> NoReturn:
     """Answer every datagram that arrives on ``sock`` until cancelled.
 
     Args:
       sock: A bound UDP socket. Its family sets the reply size limit.
       ascii_only: Use the ``--ascii`` transform.
-      on_datagram: Called with each request's size, for the server's counts.
+      on_datagram: Called for each request, for the server's counts.
 
     Resource handling:
       ``sock`` is left open: whoever bound it closes it.
 
     Error handling:
+      Any other error from the socket ends this loop, and with it the
+      server: it would mean the socket itself is broken.
       A reply that cannot be sent (the sender's address is unreachable, or not
       a valid destination at all) is logged at debug level and dropped: UDP
       promises no delivery, and one bad sender must not stop the loop. An
@@ -86,7 +88,7 @@ async def serve_udp(
             logger.debug("receive error ignored: %s", exc)
             continue
         if on_datagram is not None:
-            on_datagram(len(request))
+            on_datagram()
         reply = reply_for(request, ascii_only=ascii_only, limit=limit)
         try:
             await sock.sendto(reply, sender)
