@@ -34,10 +34,13 @@ __all__ = [
     "DEFAULT_TCP_TIMEOUT",
     "DEFAULT_UDP_TIMEOUT",
     "PROMPT",
+    "DatagramSocket",
     "FdReceiveStream",
     "FdSendStream",
     "LineSource",
     "connect_tcp",
+    "pipe_line_reader",
+    "read_terminal_line",
     "resolve_udp",
     "tcp_interactive",
     "tcp_stream",
@@ -86,6 +89,13 @@ def _reason(exc: OSError) -> str:
 
 async def connect_tcp(host: str, port: int, *, timeout: float) -> trio.SocketStream:
     """Open a TCP connection, giving up after ``timeout`` seconds.
+
+    Every address ``host`` resolves to is tried, as :func:`trio.open_tcp_stream`
+    does (happy eyeballs), so ``localhost`` works for IPv4- and IPv6-only
+    servers alike.
+
+    Returns:
+      The connection; the caller owns it and must close it.
 
     Raises:
       UserError: DNS failure, refused, unreachable or timed out.
@@ -417,7 +427,12 @@ async def udp_session(
 
     Args:
       addresses: From :func:`resolve_udp`.
+      read_line: The next line without its line ending, or None at the end.
+      write: Where each reply (plus a newline) goes.
       where: ``"HOST port PORT"``, for messages.
+      timeout: Seconds to wait for the first try's reply; see :func:`udp_ask`.
+      retries: Tries after the first before giving up on a line.
+      new_socket: Makes the socket for each line (the tests pass fakes).
 
     Returns:
       The number of lines answered.
@@ -534,7 +549,10 @@ async def read_terminal_line() -> bytes | None:
 def pipe_line_reader(fd: int, limit: int) -> LineSource:
     """A line source over a pipe or file: lines without their ending (``\\n``
     or ``\\r\\n``). Reads at most ``limit + 2`` bytes per line, so an endless
-    line cannot fill memory; a longer line comes back cut at that size."""
+    line cannot fill memory; a longer line comes back cut at that size.
+
+    It reads a duplicate of ``fd`` (buffered), closed at the end of input;
+    ``fd`` itself is left open."""
     file = os.fdopen(os.dup(fd), "rb")
 
     async def read_line() -> bytes | None:

@@ -178,6 +178,10 @@ async def bind(
     :func:`trio.open_tcp_listeners`) plus the UDP sockets, done as one step so
     that the server is either listening on everything or on nothing.
 
+    Args:
+      config: Uses ``host``, ``port``, ``tcp`` and ``udp``. With port 0 the
+          OS picks a port free for every protocol and family bound.
+
     Returns:
       The TCP listeners and the UDP sockets; the caller owns both.
 
@@ -221,6 +225,9 @@ class UpperServer:
         self, *, task_status: trio.TaskStatus[list[Endpoint]] = trio.TASK_STATUS_IGNORED
     ) -> ServerStats:
         """Bind as :func:`bind` does, then :meth:`serve`.
+
+        Returns:
+          The server's counts, once it has shut down.
 
         Raises:
           UserError: binding failed (see :func:`bind`).
