@@ -12,11 +12,11 @@ SOURCES = ["trio_upper", "tests", "noxfile.py"]
 
 @nox.session
 def lint(session: nox.Session) -> None:
-    """ruff check, ruff format --check, and mypy --strict on the package."""
+    """ruff check, ruff format --check, and mypy --strict on all the code."""
     session.install("-e", ".[lint]")
     session.run("ruff", "check", *SOURCES)
     session.run("ruff", "format", "--check", *SOURCES)
-    session.run("mypy", "--strict", "trio_upper")
+    session.run("mypy", "--strict", *SOURCES)
 
 
 @nox.session

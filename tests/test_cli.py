@@ -5,21 +5,29 @@ subprocess, the clients fed through a pipe, against a server subprocess on
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import re
 import select
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 import trio_upper
+from trio_upper.cli import _exit_status
+from trio_upper.errors import UserError
 
 from .conftest import PROCESS_TIMEOUT, ServerProcess, cli, run_cli
+
+if sys.version_info < (3, 11):
+    from exceptiongroup import BaseExceptionGroup, ExceptionGroup
 
 # --- Helpers ------------------------------------------------------------------
 
@@ -351,32 +359,28 @@ def test_serve_ascii_changes_only_a_to_z() -> None:
     assert udp.stdout == "CAFé STRAßE\n".encode()
 
 
-def test_serve_tcp_only_has_no_udp() -> None:
-    with serving("--tcp-only") as server:
-        assert "udp" not in server.first_line
+@pytest.mark.parametrize(
+    ("flag", "served", "missing", "refusal"),
+    [
+        ("--tcp-only", "tcp", "udp", "no UDP server at 127.0.0.1 port {port}: connection refused"),
+        (
+            "--udp-only",
+            "udp",
+            "tcp",
+            "cannot connect to 127.0.0.1 port {port}: Connection refused",
+        ),
+    ],
+)
+def test_serve_one_protocol_only(flag: str, served: str, missing: str, refusal: str) -> None:
+    with serving(flag) as server:
+        assert missing not in server.first_line
         port = str(server.port)
-        tcp = run_cli("tcp", "127.0.0.1", "-p", port, input=b"tcp\n")
-        udp = run_cli("udp", "127.0.0.1", "-p", port, input=b"udp\n")
-    assert (tcp.returncode, tcp.stdout) == (0, b"TCP\n")
-    assert udp.returncode == 1
-    assert udp.stdout == b""
-    line = error_line(udp)
-    assert line.startswith("trio-upper: error: no UDP server at 127.0.0.1 port ")
-    assert line.endswith("connection refused")
-
-
-def test_serve_udp_only_has_no_tcp() -> None:
-    with serving("--udp-only") as server:
-        assert "tcp" not in server.first_line
-        port = str(server.port)
-        udp = run_cli("udp", "127.0.0.1", "-p", port, input=b"udp\n")
-        tcp = run_cli("tcp", "127.0.0.1", "-p", port, input=b"tcp\n")
-    assert (udp.returncode, udp.stdout) == (0, b"UDP\n")
-    assert tcp.returncode == 1
-    assert tcp.stdout == b""
-    line = error_line(tcp)
-    assert line.startswith("trio-upper: error: cannot connect to 127.0.0.1 port ")
-    assert line.endswith("Connection refused")
+        works = run_cli(served, "127.0.0.1", "-p", port, input=b"works\n")
+        refused = run_cli(missing, "127.0.0.1", "-p", port, input=b"refused\n")
+    assert (works.returncode, works.stdout) == (0, b"WORKS\n")
+    assert refused.returncode == 1
+    assert refused.stdout == b""
+    assert error_line(refused) == "trio-upper: error: " + refusal.format(port)
 
 
 # --- errors --------------------------------------------------------------------
@@ -643,3 +647,259 @@ def test_client_interrupted_by_ctrl_c_exits_130_quietly(server_process: ServerPr
     assert out == b""
     assert b"Traceback" not in err
     assert err.strip() == b""
+
+
+# --- a client at a terminal (a pseudo-terminal) ---------------------------------------
+
+# Run the client as a shell in a terminal window would: in a session of its own
+# with the pty as its controlling terminal, so the line discipline turns a
+# typed Ctrl-C into SIGINT for it. A tiny launcher does the TIOCSCTTY and
+# execs the real command (no preexec_fn: the test process has threads).
+ACQUIRE_TTY_AND_EXEC = (
+    "import fcntl, os, sys, termios; "
+    "fcntl.ioctl(0, termios.TIOCSCTTY, 0); "
+    "os.execv(sys.argv[1], sys.argv[1:])"
+)
+
+
+class Terminal:
+    """A client running on a pseudo-terminal; the test types on the master
+    side and reads the screen from it."""
+
+    def __init__(self, args: list[str]) -> None:
+        self.master, slave = os.openpty()
+        try:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-c", ACQUIRE_TTY_AND_EXEC, *args],
+                stdin=slave,
+                stdout=slave,
+                stderr=slave,
+                start_new_session=True,
+            )
+        except BaseException:
+            os.close(self.master)
+            raise
+        finally:
+            os.close(slave)  # the child's copies are the only ones left: EOF at its exit
+        self.screen = b""
+
+    def press(self, keys: bytes) -> None:
+        os.write(self.master, keys)
+
+    def _read(self, deadline: float) -> bool:
+        """Read what is on the screen so far; False at the end (the child
+        and every copy of the slave are gone)."""
+        remaining = deadline - time.monotonic()
+        assert remaining > 0, f"hang guard: the terminal shows {self.screen!r}"
+        ready, _, _ = select.select([self.master], [], [], remaining)
+        if not ready:
+            return True
+        try:
+            chunk = os.read(self.master, 4096)
+        except OSError:  # EIO: the slave side is closed
+            return False
+        self.screen += chunk
+        return bool(chunk)
+
+    def read_until(self, marker: bytes) -> None:
+        deadline = time.monotonic() + PROCESS_TIMEOUT
+        while marker not in self.screen:
+            assert self._read(deadline), f"{marker!r} never appeared: {self.screen!r}"
+
+    def wait(self) -> int:
+        """Read the screen to the end; return the exit status."""
+        deadline = time.monotonic() + PROCESS_TIMEOUT
+        while self._read(deadline):
+            pass
+        return self.proc.wait(timeout=PROCESS_TIMEOUT)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=PROCESS_TIMEOUT)
+        os.close(self.master)
+
+
+@contextlib.contextmanager
+def terminal(*args: str) -> Iterator[Terminal]:
+    term = Terminal(cli(*args))
+    try:
+        yield term
+    finally:
+        term.close()
+
+
+PROMPT = b"Input lowercase sentence: "
+
+
+@pytest.mark.parametrize("command", ["tcp", "udp"])
+def test_client_at_a_terminal_prompts_and_ends_at_ctrl_d(
+    server_process: ServerProcess, command: str
+) -> None:
+    with terminal(command, "127.0.0.1", "-p", str(server_process.port)) as term:
+        term.read_until(PROMPT)
+        term.press("hello straße\n".encode())
+        term.read_until(b"HELLO STRASSE\r\n")
+        # The reply comes after the echoed line and before the next prompt.
+        assert term.screen.index("hello straße".encode()) < term.screen.index(b"HELLO")
+        term.read_until(b"HELLO STRASSE\r\n" + PROMPT)
+        term.press(b"\x04")  # Ctrl-D at the start of a line: end of input
+        status = term.wait()
+    assert status == 0
+    assert b"Traceback" not in term.screen
+    assert b"error" not in term.screen
+    assert term.screen.count(PROMPT) == 2
+    # Ctrl-D leaves the cursor on a fresh line, not after the prompt.
+    assert term.screen.endswith(b"\r\n")
+
+
+@pytest.mark.parametrize("command", ["tcp", "udp"])
+def test_client_at_a_terminal_ctrl_c_exits_130_quietly(
+    server_process: ServerProcess, command: str
+) -> None:
+    with terminal(command, "127.0.0.1", "-p", str(server_process.port)) as term:
+        term.read_until(PROMPT)
+        term.press(b"\x03")  # Ctrl-C: the line discipline sends SIGINT
+        status = term.wait()
+    assert status == 130
+    assert b"Traceback" not in term.screen
+    assert b"KeyboardInterrupt" not in term.screen
+    assert b"error" not in term.screen
+    assert term.screen.endswith(b"\r\n")  # and the shell's prompt on a fresh line
+
+
+# --- how an exit is reported (in-process) ---------------------------------------------
+
+
+def test_internal_error_is_one_line_pointing_at_verbose(
+    capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    assert _exit_status(RuntimeError("boom"), verbose=False) == 1
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.endswith("\n")
+    lines = err.splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("trio-upper: internal error: RuntimeError: boom")
+    assert "-v" in lines[0]
+    assert "Traceback" not in err
+    assert caplog.records == []
+
+
+def test_internal_error_with_verbose_logs_the_traceback(
+    capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    def buggy() -> None:
+        raise RuntimeError("boom")
+
+    try:
+        buggy()
+    except RuntimeError as exc:
+        error = exc
+    with caplog.at_level(logging.DEBUG, logger="trio_upper"):
+        assert _exit_status(error, verbose=True) == 1
+    _, err = capsys.readouterr()
+    assert "trio-upper: internal error: RuntimeError: boom" in err
+    [record] = caplog.records
+    assert record.levelno == logging.ERROR
+    assert record.exc_info is not None
+    assert record.exc_info[1] is error
+    assert "Traceback (most recent call last)" in caplog.text
+    assert "in buggy" in caplog.text
+
+
+def test_keyboard_interrupt_inside_exception_groups_exits_130(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    group = BaseExceptionGroup(
+        "outer", [ValueError("unrelated"), BaseExceptionGroup("inner", [KeyboardInterrupt()])]
+    )
+    assert _exit_status(group, verbose=False) == 130
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err == "\n"  # Ctrl-C leaves the terminal on a fresh line, nothing more
+
+
+def test_user_error_inside_exception_groups_is_one_error_line(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    group = ExceptionGroup(
+        "outer", [ExceptionGroup("inner", [UserError("no reply from the server within 5 s")])]
+    )
+    assert _exit_status(group, verbose=False) == 1
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err == "trio-upper: error: no reply from the server within 5 s\n"
+
+
+# --- the installed command --------------------------------------------------------------
+
+
+def test_console_script_is_the_same_command() -> None:
+    script = Path(sys.executable).parent / "trio-upper"
+    if not script.exists():
+        pytest.skip(f"no trio-upper script next to {sys.executable}: not installed here")
+    result = subprocess.run(
+        [str(script), "--version"], capture_output=True, timeout=PROCESS_TIMEOUT, check=False
+    )
+    assert result.returncode == 0
+    assert result.stdout == f"trio-upper {trio_upper.__version__}\n".encode()
+    assert result.stderr == b""
+
+
+# --- closed and vanished standard streams ---------------------------------------------------
+
+
+def test_tcp_client_with_stdin_closed_reads_empty_input(server_process: ServerProcess) -> None:
+    result = subprocess.run(
+        [
+            "sh",
+            "-c",
+            f'exec "$0" -m trio_upper tcp 127.0.0.1 -p {server_process.port} <&-',
+            sys.executable,
+        ],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        timeout=PROCESS_TIMEOUT,
+        check=False,
+    )
+    assert result.returncode == 0
+    assert result.stdout == b""
+    assert result.stderr == b""
+
+
+def test_server_whose_stdout_is_gone_keeps_serving() -> None:
+    port = free_port(socket.SOCK_DGRAM)
+    # A pipe nobody reads from: the server's first line already meets a broken pipe.
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        proc = subprocess.Popen(
+            cli("serve", "--host", "127.0.0.1", "--port", str(port), "--udp-only"),
+            stdin=subprocess.DEVNULL,
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+        )
+    finally:
+        os.close(write_end)
+    try:
+        # No ready line to wait for: run the client (each run takes a good
+        # fraction of a second) until the server answers.
+        for _ in range(100):
+            assert proc.poll() is None, "the server exited"
+            result = run_cli("udp", "127.0.0.1", "-p", str(port), "--retries", "0", input=b"q\n")
+            if result.returncode == 0:
+                break
+        assert (result.returncode, result.stdout, result.stderr) == (0, b"Q\n", b"")
+        # Still serving after that.
+        again = run_cli("udp", "127.0.0.1", "-p", str(port), input=b"again\n")
+        assert (again.returncode, again.stdout) == (0, b"AGAIN\n")
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=PROCESS_TIMEOUT)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate(timeout=PROCESS_TIMEOUT)
+    assert proc.returncode == 0
+    assert b"Traceback" not in err
+    assert err == b""

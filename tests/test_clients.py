@@ -5,6 +5,9 @@ clock (autojump_clock), never in real time."""
 from __future__ import annotations
 
 import errno
+import fcntl
+import os
+import resource
 import socket
 from collections.abc import Awaitable, Callable
 
@@ -13,7 +16,10 @@ import trio
 import trio.testing
 
 from trio_upper.client import (
+    FdReceiveStream,
+    FdSendStream,
     LineSource,
+    connect_tcp,
     tcp_interactive,
     tcp_stream,
     udp_ask,
@@ -779,3 +785,58 @@ async def test_udp_session_without_addresses(autojump_clock: trio.testing.MockCl
                 [], line_source([b"x"]), collector([]), where=WHERE, new_socket=net.socket
             )
     assert net.sends == []
+
+
+# --- Connecting -------------------------------------------------------------------
+
+
+async def test_connect_timeout_is_a_user_error(
+    autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def never_connects(host: str, port: int) -> trio.SocketStream:
+        await trio.sleep_forever()
+        raise AssertionError("unreachable")
+
+    # Patched where connect_tcp looks it up: no real traffic happens.
+    monkeypatch.setattr("trio_upper.client.trio.open_tcp_stream", never_connects)
+    start = trio.current_time()
+    with pytest.raises(
+        UserError, match=r"^timed out after 5 s connecting to example\.invalid port 12000$"
+    ):
+        await connect_tcp("example.invalid", 12000, timeout=5.0)  # the CLI passes floats
+    assert trio.current_time() - start == pytest.approx(5)
+
+
+# --- Local input and output -----------------------------------------------------------
+
+
+async def test_writing_to_a_broken_pipe_is_a_user_error() -> None:
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        # Python ignores SIGPIPE, so the write fails with EPIPE.
+        with pytest.raises(UserError, match=r"^cannot write output: Broken pipe$"):
+            await FdSendStream(write_end).send_all(b"lost")
+    finally:
+        os.close(write_end)
+
+
+def closed_fd() -> int:
+    """A file descriptor number that is closed, and high enough that nothing
+    the test process opens meanwhile takes it (the OS hands out the lowest
+    free number)."""
+    soft_limit, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    fd = os.open(os.devnull, os.O_RDONLY)
+    try:
+        high = fcntl.fcntl(fd, fcntl.F_DUPFD, min(1000, soft_limit - 1))
+    finally:
+        os.close(fd)
+    os.close(high)
+    return high
+
+
+async def test_reading_a_closed_fd_is_a_user_error() -> None:
+    fd = closed_fd()
+    with pytest.raises(UserError, match=r"^cannot read input: ") as caught:
+        await FdReceiveStream(fd).receive_some()
+    assert str(caught.value) == "cannot read input: Bad file descriptor"

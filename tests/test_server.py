@@ -3,6 +3,7 @@ under the mock clock for everything with a deadline (the grace period)."""
 
 from __future__ import annotations
 
+import errno
 import socket
 import struct
 
@@ -15,7 +16,7 @@ from trio_upper.errors import UserError
 from trio_upper.server import Endpoint, ServerConfig, UpperServer
 from trio_upper.tcp import handle_stream
 from trio_upper.transform import upper_ascii, upper_bytes
-from trio_upper.udp import MAX_PAYLOAD_IPV4
+from trio_upper.udp import MAX_PAYLOAD_IPV4, MAX_PAYLOAD_IPV6
 
 from .conftest import LoopbackServer, MemoryListener, receive_exactly, receive_until_eof
 
@@ -216,7 +217,7 @@ async def start_in_memory(
     listener = MemoryListener()
     done = trio.Event()
 
-    async def run(task_status: trio.TaskStatus[None]) -> None:
+    async def run(task_status: trio.TaskStatus[list[Endpoint]]) -> None:
         await server.serve([listener], [], task_status=task_status)
         done.set()
 
@@ -301,4 +302,34 @@ async def test_a_bug_in_one_handler_does_not_stop_the_server(
     await survivor.send_all(b"ok")
     assert await receive_exactly(survivor, 2) == b"OK"
     assert server.stats.connections == 2
+    server.shutdown(grace=0)
+
+
+async def test_permission_denied_is_a_user_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    async def denied(port: int, *, host: str | None = None) -> list[trio.SocketListener]:
+        await trio.lowlevel.checkpoint()
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    # As an unprivileged user binding port 80 would; patched so nothing binds.
+    monkeypatch.setattr("trio_upper.server.trio.open_tcp_listeners", denied)
+    with pytest.raises(
+        UserError, match=r"^cannot serve on all interfaces port 80: Permission denied$"
+    ):
+        await UpperServer(ServerConfig(port=80)).run()
+
+
+@pytest.mark.skipif(not ipv6_loopback_works(), reason="no IPv6 loopback here")
+async def test_udp_datagram_of_maximum_ipv6_size_comes_back_whole(
+    nursery: trio.Nursery,
+) -> None:
+    server = UpperServer(ServerConfig(host="::1", port=0))
+    endpoints: list[Endpoint] = await nursery.start(server.run)
+    request = b"abc \xc3\xa9" * 10_921 + b"z"  # mixed ASCII and "é"
+    assert len(request) == MAX_PAYLOAD_IPV6
+    with trio.socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as sock:
+        await sock.connect(("::1", endpoints[0].port))
+        await sock.send(request)
+        reply = await sock.recv(70_000)
+    assert reply == upper_bytes(request)
+    assert len(reply) == MAX_PAYLOAD_IPV6
     server.shutdown(grace=0)

@@ -4,6 +4,7 @@ rule built on it (trio_upper.udp.reply_for): no sockets, no trio."""
 from __future__ import annotations
 
 import itertools
+import logging
 import socket
 import sys
 
@@ -287,3 +288,20 @@ def test_reply_never_exceeds_the_limit(request: bytes, extra: int) -> None:
         assert reply == upper_bytes(request)
     else:
         assert reply == request.upper()
+
+
+def test_ascii_fallback_is_logged_at_debug_level(caplog: pytest.LogCaptureFixture) -> None:
+    request = "\u0390".encode() * 10  # 20 bytes; its UTF-8 uppercase is 60
+    with caplog.at_level(logging.DEBUG, logger="trio_upper.udp"):
+        assert reply_for(request, limit=59) == request
+    [record] = caplog.records
+    assert record.name == "trio_upper.udp"
+    assert record.levelno == logging.DEBUG
+    assert "--ascii" in record.getMessage()
+
+
+def test_reply_that_fits_logs_nothing(caplog: pytest.LogCaptureFixture) -> None:
+    request = "\u0390".encode() * 10
+    with caplog.at_level(logging.DEBUG, logger="trio_upper.udp"):
+        assert reply_for(request, limit=60) == upper_bytes(request)
+    assert caplog.records == []
