@@ -362,12 +362,12 @@ def test_serve_ascii_changes_only_a_to_z() -> None:
 @pytest.mark.parametrize(
     ("flag", "served", "missing", "refusal"),
     [
-        ("--tcp-only", "tcp", "udp", "no UDP server at 127.0.0.1 port {port}: connection refused"),
+        ("--tcp-only", "tcp", "udp", "no UDP server at 127.0.0.1 port {}: connection refused"),
         (
             "--udp-only",
             "udp",
             "tcp",
-            "cannot connect to 127.0.0.1 port {port}: Connection refused",
+            "cannot connect to 127.0.0.1 port {}: Connection refused",
         ),
     ],
 )
