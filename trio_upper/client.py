@@ -148,13 +148,19 @@ async def _receive(stream: trio.abc.ReceiveStream) -> bytes:
         return b""
 
 
+def _unresponsive(timeout: float) -> UserError:
+    # One message for every wait on the server: to take data, to reply, to
+    # close. The user's remedy is the same (a slow server: a larger timeout).
+    return UserError(f"the server did not respond within {timeout:g} s (see --timeout)")
+
+
 async def _send(stream: trio.abc.SendStream, data: bytes, timeout: float) -> bool:
     """Send within ``timeout``; False if the server has closed the connection."""
     try:
         with trio.fail_after(timeout):
             await stream.send_all(data)
     except trio.TooSlowError:
-        raise UserError(f"the server did not take our data within {timeout:g} s") from None
+        raise _unresponsive(timeout) from None
     except trio.BrokenResourceError as exc:
         logger.debug("connection lost: %s", exc.__cause__ or exc)
         return False
@@ -191,7 +197,7 @@ async def tcp_interactive(
                 while b"\n" not in pending and (data := await _receive(stream)):
                     pending += data
             if waiting.cancelled_caught:
-                raise UserError(f"no reply from the server within {timeout:g} s")
+                raise _unresponsive(timeout)
             reply, newline, pending = pending.partition(b"\n")
             if reply or newline:
                 await write(reply + newline)
@@ -278,7 +284,7 @@ class _StreamCopy:
                 self.writing_output = False
                 self._rearm()
         if self.watchdog.cancelled_caught:
-            raise UserError(f"the server did not respond within {self.timeout:g} s")
+            raise _unresponsive(self.timeout)
 
     def check_complete(self) -> None:
         """Raise if the server closed with input unsent or unanswered."""
