@@ -259,12 +259,10 @@ class UpperServer:
         Returns:
           The server's counts.
         """
-        served = [_listener_endpoint(listener) for listener in listeners]
-        served += [_endpoint("udp", sock.getsockname()) for sock in udp_sockets]
         with self._handlers:
             async with trio.open_nursery() as handlers:
                 try:
-                    await self._accept(listeners, udp_sockets, handlers, served, task_status)
+                    await self._accept(listeners, udp_sockets, handlers, task_status)
                 finally:
                     # In a finally: a zero grace cancels the handler scope at
                     # the same moment, and its Cancelled passes through here.
@@ -277,12 +275,13 @@ class UpperServer:
         listeners: Sequence[_TcpListener],
         udp_sockets: Sequence[trio.socket.SocketType],
         handlers: trio.Nursery,
-        served: list[Endpoint],
         task_status: trio.TaskStatus[list[Endpoint]],
     ) -> None:
         """Accept connections (their handlers go to ``handlers``) and answer
         datagrams until :meth:`shutdown` cancels this; then close every
         listener and UDP socket."""
+        served = [_listener_endpoint(listener) for listener in listeners]
+        served += [_endpoint("udp", sock.getsockname()) for sock in udp_sockets]
         with self._accepting, contextlib.ExitStack() as udp_closer:
             for sock in udp_sockets:
                 udp_closer.enter_context(sock)
