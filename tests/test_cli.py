@@ -597,6 +597,20 @@ def test_verbose_server_logs_each_connection() -> None:
     assert re.search(r"DEBUG trio_upper\.tcp: 127\.0\.0\.1:\d+: closed after 3 bytes", err)
 
 
+def first_udp_answer(
+    server: subprocess.Popen[bytes], port: int
+) -> subprocess.CompletedProcess[bytes]:
+    """For a server that prints no ready line: run the UDP client with the
+    line "q" (each run takes a good fraction of a second to start, so no
+    sleep is needed) until the server answers; return that run, or the last."""
+    for _ in range(100):
+        assert server.poll() is None, "the server exited"
+        result = run_cli("udp", "127.0.0.1", "-p", str(port), "--retries", "0", input=b"q\n")
+        if result.returncode == 0:
+            break
+    return result
+
+
 def test_quiet_server_prints_nothing_but_serves() -> None:
     port = free_port(socket.SOCK_STREAM)
     proc = subprocess.Popen(
@@ -605,12 +619,7 @@ def test_quiet_server_prints_nothing_but_serves() -> None:
         stderr=subprocess.PIPE,
     )
     try:
-        # No ready line to wait for: try the client (each run takes a good
-        # fraction of a second to start) until the server is up.
-        for _ in range(100):
-            result = run_cli("udp", "127.0.0.1", "-p", str(port), "--retries", "0", input=b"q\n")
-            if result.returncode == 0:
-                break
+        result = first_udp_answer(proc, port)
         assert result.stdout == b"Q\n"
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=PROCESS_TIMEOUT)
@@ -883,13 +892,7 @@ def test_server_whose_stdout_is_gone_keeps_serving() -> None:
     finally:
         os.close(write_end)
     try:
-        # No ready line to wait for: run the client (each run takes a good
-        # fraction of a second) until the server answers.
-        for _ in range(100):
-            assert proc.poll() is None, "the server exited"
-            result = run_cli("udp", "127.0.0.1", "-p", str(port), "--retries", "0", input=b"q\n")
-            if result.returncode == 0:
-                break
+        result = first_udp_answer(proc, port)
         assert (result.returncode, result.stdout, result.stderr) == (0, b"Q\n", b"")
         # Still serving after that.
         again = run_cli("udp", "127.0.0.1", "-p", str(port), input=b"again\n")
