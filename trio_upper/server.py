@@ -30,6 +30,7 @@ from typing import Any, NamedTuple
 import trio
 
 from .errors import UserError, host_port
+from .fastsocket import FastSocketListener
 from .tcp import handle_stream
 from .udp import serve_udp
 
@@ -104,7 +105,7 @@ def _endpoint(protocol: str, sockaddr: tuple[Any, ...]) -> Endpoint:
 
 
 def _listener_endpoint(listener: _TcpListener) -> Endpoint:
-    if isinstance(listener, trio.SocketListener):
+    if isinstance(listener, (trio.SocketListener, FastSocketListener)):
         return _endpoint("tcp", listener.socket.getsockname())
     # A listener with no socket (the tests' in-memory one).
     return Endpoint("tcp", f"<{type(listener).__name__}>", 0)
@@ -151,7 +152,10 @@ async def _bind_at(
 ) -> tuple[list[_TcpListener], list[trio.socket.SocketType]]:
     listeners: list[_TcpListener] = []
     if config.tcp:
-        listeners.extend(await trio.open_tcp_listeners(port, host=config.host))
+        # trio resolves, binds and listens; the sockets then serve as
+        # FastSocketListener, whose streams cost less per call.
+        bound = await trio.open_tcp_listeners(port, host=config.host)
+        listeners.extend(FastSocketListener.from_trio(listener) for listener in bound)
     try:
         udp_sockets = await _bind_udp(config.host, port) if config.udp else []
     except BaseException:

@@ -14,6 +14,7 @@ import logging
 import trio
 
 from .errors import host_port
+from .fastsocket import FastSocketStream
 from .transform import Uppercaser
 
 __all__ = ["describe_peer", "handle_stream"]
@@ -29,7 +30,7 @@ RECEIVE_SIZE = 65536
 
 def describe_peer(stream: trio.abc.Stream) -> str:
     """A short name for the other end of ``stream``, for log lines."""
-    if isinstance(stream, trio.SocketStream):
+    if isinstance(stream, (trio.SocketStream, FastSocketStream)):
         try:
             peer = stream.socket.getpeername()
         except OSError:
@@ -62,7 +63,8 @@ async def handle_stream(stream: trio.abc.Stream, *, ascii_only: bool = False) ->
       never reaches the caller's nursery and so never stops the server.
       Cancellation propagates as usual.
     """
-    peer = describe_peer(stream)
+    # getpeername is a system call: skip it unless the log lines are shown.
+    peer = describe_peer(stream) if logger.isEnabledFor(logging.DEBUG) else ""
     upper = Uppercaser(ascii_only=ascii_only)
     received = 0
     logger.debug("%s: connected", peer)
