@@ -106,7 +106,7 @@ async def test_udp_serves_many_senders(loopback: LoopbackServer) -> None:
             await sock.connect(("127.0.0.1", loopback.port))
             await sock.send(f"sender {i}".encode())
             assert await sock.recv(100) == f"SENDER {i}".encode()
-    assert loopback.server.stats.datagrams == 5
+    assert loopback.server.stats.udp.datagrams == 5
 
 
 async def test_empty_datagram_gets_empty_reply(loopback: LoopbackServer) -> None:

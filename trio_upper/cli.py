@@ -37,6 +37,7 @@ from .client import (
     udp_session,
 )
 from .errors import UserError, leaves, plural
+from .ratelimit import DEFAULT_RATE
 from .server import DEFAULT_GRACE, DEFAULT_PORT, Endpoint, ServerConfig, UpperServer
 from .udp import MAX_PAYLOAD_IPV6
 
@@ -84,6 +85,16 @@ def _count(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be 0 or more, not {value}")
+    return value
+
+
+def _rate(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number per second: {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 (off) or a positive number, not {text}")
     return value
 
 
@@ -139,6 +150,15 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="on Ctrl-C or SIGTERM, seconds open connections may take to finish "
         "(default: %(default)s)",
+    )
+    serve.add_argument(
+        "--udp-rate-limit",
+        type=_rate,
+        default=DEFAULT_RATE,
+        metavar="N",
+        help="UDP replies per second to any one address, so that forged requests "
+        "cannot aim a flood at a victim; 0 turns it off (default: %(default)g, "
+        "with a burst of 2 seconds' worth)",
     )
     serve.set_defaults(run=_serve)
 
@@ -230,6 +250,7 @@ async def _serve(args: argparse.Namespace) -> None:
         udp=not args.tcp_only,
         ascii_only=args.ascii,
         grace=args.grace,
+        udp_rate_limit=args.udp_rate_limit,
     )
     server = UpperServer(config)
     # Signals are caught from before binding, so that a Ctrl-C at any moment
@@ -261,12 +282,16 @@ async def _serve(args: argparse.Namespace) -> None:
     stats = server.stats
     summary = (
         f"Stopped: served {plural(stats.connections, 'TCP connection')} and "
-        f"{plural(stats.datagrams, 'datagram')}"
+        f"{plural(stats.udp.datagrams, 'datagram')}"
     )
     if stats.cut_off:
         summary += (
             f"; {plural(stats.cut_off, 'connection')} cut off at the end of the grace period"
         )
+    if stats.udp.rate_limited:
+        summary += f"; {plural(stats.udp.rate_limited, 'datagram')} not answered (rate limit)"
+    if stats.udp.dropped:
+        summary += f"; {plural(stats.udp.dropped, 'reply', 'replies')} dropped (send buffer full)"
     _say(args, summary + ".")
 
 

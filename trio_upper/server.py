@@ -23,7 +23,7 @@ import errno
 import logging
 import socket
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, NamedTuple
 
@@ -31,8 +31,9 @@ import trio
 
 from .errors import UserError, host_port
 from .fastsocket import FastSocketListener
+from .ratelimit import DEFAULT_RATE, ReplyRateLimiter
 from .tcp import handle_stream
-from .udp import serve_udp
+from .udp import UdpCounts, serve_udp
 
 __all__ = [
     "DEFAULT_GRACE",
@@ -74,6 +75,8 @@ class ServerConfig:
     udp: bool = True
     ascii_only: bool = False
     grace: float = DEFAULT_GRACE
+    # UDP replies per second per source address; 0 turns the limit off.
+    udp_rate_limit: float = DEFAULT_RATE
 
 
 @dataclass
@@ -83,10 +86,7 @@ class ServerStats:
     connections: int = 0
     active: int = 0
     cut_off: int = 0
-    datagrams: int = 0
-
-    def count_datagram(self) -> None:
-        self.datagrams += 1
+    udp: UdpCounts = field(default_factory=UdpCounts)
 
 
 class Endpoint(NamedTuple):
@@ -115,17 +115,17 @@ def _where(host: str | None, port: int) -> str:
     return f"{host or 'all interfaces'} port {port}"
 
 
-async def _bind_udp(host: str | None, port: int) -> list[trio.socket.SocketType]:
+async def _bind_udp(host: str | None, port: int) -> list[socket.socket]:
     """Bind a UDP socket on every address ``host`` resolves to, as
     :func:`trio.open_tcp_listeners` does for TCP (same families, same rules)."""
     addresses = await trio.socket.getaddrinfo(
         host, port, type=socket.SOCK_DGRAM, flags=socket.AI_PASSIVE
     )
-    sockets: list[trio.socket.SocketType] = []
+    sockets: list[socket.socket] = []
     try:
         for family, type_, proto, _, sockaddr in addresses:
             try:
-                sock = trio.socket.socket(family, type_, proto)
+                sock = socket.socket(family, type_, proto)
             except OSError as exc:
                 # As in trio: a family the system lacks is fine as long as
                 # some other family works.
@@ -137,7 +137,7 @@ async def _bind_udp(host: str | None, port: int) -> list[trio.socket.SocketType]
             # bind the same port silently and steal half the datagrams.
             if family == socket.AF_INET6:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            await sock.bind(sockaddr)
+            sock.bind(sockaddr)
     except BaseException:
         for sock in sockets:
             sock.close()
@@ -149,7 +149,7 @@ async def _bind_udp(host: str | None, port: int) -> list[trio.socket.SocketType]
 
 async def _bind_at(
     config: ServerConfig, port: int
-) -> tuple[list[_TcpListener], list[trio.socket.SocketType]]:
+) -> tuple[list[_TcpListener], list[socket.socket]]:
     listeners: list[_TcpListener] = []
     if config.tcp:
         # trio resolves, binds and listens; the sockets then serve as
@@ -175,7 +175,7 @@ async def _free_port(host: str | None) -> int:
 
 async def bind(
     config: ServerConfig,
-) -> tuple[list[_TcpListener], list[trio.socket.SocketType]]:
+) -> tuple[list[_TcpListener], list[socket.socket]]:
     """Bind everything ``config`` asks for, all on one port number.
 
     This is the first half of :func:`trio.serve_tcp` (its
@@ -224,6 +224,11 @@ class UpperServer:
         self._accepting = trio.CancelScope()
         self._handlers = trio.CancelScope()
         self._not_accepting = trio.Event()
+        # One limiter for every UDP socket: a source is one source whichever
+        # of our addresses it writes to.
+        self._limiter = (
+            ReplyRateLimiter(config.udp_rate_limit) if config.udp_rate_limit > 0 else None
+        )
 
     async def run(
         self, *, task_status: trio.TaskStatus[list[Endpoint]] = trio.TASK_STATUS_IGNORED
@@ -242,7 +247,7 @@ class UpperServer:
     async def serve(
         self,
         listeners: Sequence[_TcpListener],
-        udp_sockets: Sequence[trio.socket.SocketType],
+        udp_sockets: Sequence[socket.socket],
         *,
         task_status: trio.TaskStatus[list[Endpoint]] = trio.TASK_STATUS_IGNORED,
     ) -> ServerStats:
@@ -277,7 +282,7 @@ class UpperServer:
     async def _accept(
         self,
         listeners: Sequence[_TcpListener],
-        udp_sockets: Sequence[trio.socket.SocketType],
+        udp_sockets: Sequence[socket.socket],
         handlers: trio.Nursery,
         task_status: trio.TaskStatus[list[Endpoint]],
     ) -> None:
@@ -305,7 +310,8 @@ class UpperServer:
                             serve_udp,
                             sock,
                             ascii_only=self.config.ascii_only,
-                            on_datagram=self.stats.count_datagram,
+                            limiter=self._limiter,
+                            counts=self.stats.udp,
                         )
                     )
                 logger.debug("serving on %s", ", ".join(map(str, served)))

@@ -1,4 +1,4 @@
-"""The UDP side of the server: a receive loop on one trio UDP socket.
+"""The UDP side of the server: a receive loop on one UDP socket.
 
 Each datagram is a complete message: its uppercase goes back to its sender as
 one datagram. There is no connection and no state between datagrams.
@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import logging
 import socket
-from collections.abc import Callable
-from typing import NoReturn
+from dataclasses import dataclass
+from typing import Any, NoReturn
 
 import trio
 
+from .ratelimit import ReplyRateLimiter, Verdict
 from .transform import upper_ascii, upper_bytes
 
-__all__ = ["RECEIVE_SIZE", "max_payload", "reply_for", "serve_udp"]
+__all__ = ["BATCH", "RECEIVE_SIZE", "UdpCounts", "max_payload", "reply_for", "serve_udp"]
 
 logger = logging.getLogger("trio_upper.udp")
 
@@ -28,6 +29,18 @@ MAX_PAYLOAD_IPV6 = 65_527
 
 # One byte more than any datagram can hold, so a read never truncates.
 RECEIVE_SIZE = 65_536
+
+# Datagrams answered per wake-up before a schedule point. Waking the task
+# costs more than answering a datagram, so answering the whole backlog per
+# wake-up is what makes a busy UDP server cheap; the cap keeps TCP
+# connections from waiting behind a flood of datagrams.
+BATCH = 64
+
+# How long a reply may wait for room in the kernel's send buffer. The buffer
+# drains at network speed, so a full one that stays full this long means the
+# path is jammed; receiving pauses while a reply waits, so the wait is short.
+SEND_PATIENCE = 1.0
+_RETRY_INTERVAL = 0.01
 
 
 def max_payload(family: int) -> int:
@@ -55,18 +68,37 @@ def reply_for(request: bytes, *, ascii_only: bool = False, limit: int) -> bytes:
     return reply
 
 
+@dataclass
+class UdpCounts:
+    """What the UDP side did, for the server's closing summary."""
+
+    datagrams: int = 0  # requests received
+    rate_limited: int = 0  # requests not answered: over --udp-rate-limit
+    dropped: int = 0  # replies the kernel had no room for within SEND_PATIENCE
+
+
 async def serve_udp(
-    sock: trio.socket.SocketType,
+    sock: socket.socket,
     *,
     ascii_only: bool = False,
-    on_datagram: Callable[[], object] | None = None,
+    limiter: ReplyRateLimiter | None = None,
+    counts: UdpCounts | None = None,
 ) -> NoReturn:
     """Answer every datagram that arrives on ``sock`` until cancelled.
 
+    Datagrams are answered in batches: each wake-up reads and answers up to
+    :data:`BATCH` datagrams with plain non-blocking calls, then either waits
+    for the socket to be readable again (it was drained) or takes a
+    checkpoint and goes on (a full batch: let other tasks run first).
+
     Args:
-      sock: A bound UDP socket. Its family sets the reply size limit.
+      sock: A bound UDP socket (standard library). It is made non-blocking.
+          Its family sets the reply size limit.
       ascii_only: Use the ``--ascii`` transform.
-      on_datagram: Called for each request, for the server's counts.
+      limiter: If given, a request is answered only if the limiter allows a
+          reply to its source address; refusals are counted, and the first
+          of each run of refusals to one address is logged.
+      counts: Incremented as datagrams come and go, for the server's summary.
 
     Resource handling:
       ``sock`` is left open: whoever bound it closes it.
@@ -78,19 +110,89 @@ async def serve_udp(
       a valid destination at all) is logged at debug level and dropped: UDP
       promises no delivery, and one bad sender must not stop the loop. An
       ICMP error that some systems report on the next receive is skipped the
-      same way.
+      same way. A reply that finds the kernel's send buffer full waits for
+      room up to :data:`SEND_PATIENCE` seconds (receiving pauses meanwhile,
+      which is back-pressure); then it is dropped and counted.
     """
+    if counts is None:
+        counts = UdpCounts()
+    sock.setblocking(False)
     limit = max_payload(sock.family)
     while True:
+        drained, pending = _answer_batch(sock, ascii_only, limit, limiter, counts)
+        if pending is not None:
+            await _send_when_room(sock, *pending, counts)
+        elif drained:
+            await trio.lowlevel.wait_readable(sock)
+        else:
+            await trio.lowlevel.checkpoint()
+
+
+def _answer_batch(
+    sock: socket.socket,
+    ascii_only: bool,
+    limit: int,
+    limiter: ReplyRateLimiter | None,
+    counts: UdpCounts,
+) -> tuple[bool, tuple[bytes, Any] | None]:
+    """Answer up to BATCH waiting datagrams without blocking.
+
+    Returns whether the socket was drained, and a reply that found the send
+    buffer full (with its address), which the caller must wait to send.
+    """
+    # One clock reading per batch: the batch takes microseconds.
+    now = trio.current_time() if limiter is not None else 0.0
+    for _ in range(BATCH):
         try:
-            request, sender = await sock.recvfrom(RECEIVE_SIZE)
+            request, sender = sock.recvfrom(RECEIVE_SIZE)
+        except BlockingIOError:
+            return True, None
         except ConnectionError as exc:
             logger.debug("receive error ignored: %s", exc)
             continue
-        if on_datagram is not None:
-            on_datagram()
+        counts.datagrams += 1
+        if limiter is not None and not _allowed(limiter, sender[0], now, counts):
+            continue
         reply = reply_for(request, ascii_only=ascii_only, limit=limit)
         try:
-            await sock.sendto(reply, sender)
+            sock.sendto(reply, sender)
+        except BlockingIOError:
+            return False, (reply, sender)
         except OSError as exc:
             logger.debug("reply to %s not sent: %s", sender, exc)
+    return False, None
+
+
+def _allowed(limiter: ReplyRateLimiter, source: str, now: float, counts: UdpCounts) -> bool:
+    verdict = limiter.check(source, now)
+    if verdict is Verdict.ALLOW:
+        return True
+    counts.rate_limited += 1
+    if verdict is Verdict.FIRST_REFUSAL:
+        logger.warning(
+            "%s sends more than %g requests per second: not answering all of them "
+            "(see --udp-rate-limit)",
+            source,
+            limiter.rate,
+        )
+    return False
+
+
+async def _send_when_room(
+    sock: socket.socket, reply: bytes, address: Any, counts: UdpCounts
+) -> None:
+    with trio.move_on_after(SEND_PATIENCE):
+        while True:
+            await trio.lowlevel.wait_writable(sock)
+            try:
+                sock.sendto(reply, address)
+            except BlockingIOError:
+                # "Writable" yet still full: a Unix datagram socket reports
+                # its own buffer, not the receiver's queue. Retry, not spin.
+                await trio.sleep(_RETRY_INTERVAL)
+                continue
+            except OSError as exc:
+                logger.debug("reply to %s not sent: %s", address, exc)
+            return
+    counts.dropped += 1
+    logger.warning("reply to %s dropped: no room to send it for %g s", address, SEND_PATIENCE)
