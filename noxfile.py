@@ -1,4 +1,5 @@
-"""Developer sessions: ``nox`` runs lint and test; ``nox -s test`` just the tests."""
+"""Developer sessions: ``nox`` runs lint and test; ``nox -s test`` just the tests;
+``nox -s bench`` the benchmarks (never by default: they take minutes)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import nox
 nox.options.sessions = ["lint", "test"]
 nox.options.reuse_existing_virtualenvs = True
 
-SOURCES = ["trio_upper", "tests", "noxfile.py"]
+SOURCES = ["trio_upper", "tests", "benchmarks", "noxfile.py"]
 
 
 @nox.session
@@ -24,3 +25,10 @@ def test(session: nox.Session) -> None:
     """The test suite (pytest, pytest-trio, hypothesis)."""
     session.install("-e", ".[test]")
     session.run("pytest", *session.posargs)
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """The benchmarks; arguments go to the runner: ``nox -s bench -- --quick``."""
+    session.install("-e", ".[bench]")
+    session.run("python", "-m", "benchmarks", *session.posargs)

@@ -1,0 +1,252 @@
+"""The servers under test, and starting and stopping them.
+
+Ours runs as a user runs it, ``python -m trio_upper serve``; the peers are
+the scripts in ``benchmarks/peers/``. All run under the harness's own Python.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import IO
+
+from trio_upper.transform import upper_bytes
+
+from .lines import LineReader
+from .procinfo import pinned
+from .workloads import WORKLOAD_NAMES
+
+__all__ = ["ROOT", "RunningServer", "Server", "free_port", "ours_extra_flags", "servers"]
+
+ROOT = Path(__file__).resolve().parent.parent
+PEERS = Path(__file__).resolve().parent / "peers"
+
+# Bounds on waits that only a broken or hung server reaches. Ours waits up to
+# its grace period (5 s) for open connections after SIGINT; by then every
+# load generator connection is closed, so it should need far less.
+READY_TIMEOUT = 60.0
+STOP_TIMEOUT = 20.0
+
+
+ALL_WORKLOADS = frozenset(WORKLOAD_NAMES)
+# The peers uppercase with bytes.upper(), ASCII only: on non-ASCII text they
+# would do less work than ours, not the same, so they skip that workload.
+PEER_WORKLOADS = ALL_WORKLOADS - {"tcp-utf8"}
+
+
+def _ascii_upper(data: bytes) -> bytes:
+    return data.upper()
+
+
+@dataclass(frozen=True)
+class Server:
+    """One server under test."""
+
+    name: str
+    title: str
+    argv: tuple[str, ...]
+    """The command, with ``{port}`` where the port goes."""
+    transform: Callable[[bytes], bytes]
+    """What the server must send back for a whole message."""
+    workloads: frozenset[str] = ALL_WORKLOADS
+    """The workloads it takes part in."""
+    needs: str | None = None
+    """A module that must be importable, or the server is skipped."""
+
+    def takes(self, workload: str) -> bool:
+        """Whether this server runs ``workload`` at all."""
+        return workload in self.workloads
+
+    def missing(self) -> str | None:
+        """Why this server cannot run here, or None if it can."""
+        if self.needs and importlib.util.find_spec(self.needs) is None:
+            return f"{self.needs} is not installed (pip install -e '.[bench]')"
+        return None
+
+    def command(self, port: int) -> list[str]:
+        """The command line that serves on ``port``."""
+        return [part.replace("{port}", str(port)) for part in self.argv]
+
+
+def ours_extra_flags() -> list[str]:
+    """Flags our server gets beyond host and port: ``--udp-rate-limit 0`` if it
+    has that option, since the peers limit nothing."""
+    helptext = subprocess.run(
+        [sys.executable, "-m", "trio_upper", "serve", "--help"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        check=True,
+        timeout=READY_TIMEOUT,
+    ).stdout
+    return ["--udp-rate-limit", "0"] if "--udp-rate-limit" in helptext else []
+
+
+def servers(ours_flags: Sequence[str]) -> list[Server]:
+    """Every server, ours first."""
+    py = sys.executable
+    ours = (py, "-m", "trio_upper", "serve", "--host", "127.0.0.1", "--port", "{port}")
+    peers = str(PEERS)
+    return [
+        Server("ours", "trio-upper", (*ours, *ours_flags), upper_bytes),
+        Server(
+            "ours-ascii",
+            "trio-upper --ascii",
+            (*ours, *ours_flags, "--ascii"),
+            partial(upper_bytes, ascii_only=True),
+            # Only what the UTF-8 against --ascii comparison needs.
+            frozenset({"tcp", "tcp-utf8"}),
+        ),
+        Server(
+            "trio-tutorial",
+            "trio tutorial",
+            (py, f"{peers}/trio_tutorial.py", "--port", "{port}"),
+            _ascii_upper,
+            PEER_WORKLOADS,
+        ),
+        Server(
+            "asyncio-streams",
+            "asyncio streams",
+            (py, f"{peers}/asyncio_streams.py", "--port", "{port}"),
+            _ascii_upper,
+            PEER_WORKLOADS - {"udp"},
+        ),
+        Server(
+            "asyncio-protocol",
+            "asyncio Protocol",
+            (py, f"{peers}/asyncio_protocol.py", "--port", "{port}"),
+            _ascii_upper,
+            PEER_WORKLOADS,
+        ),
+        Server(
+            "uvloop-protocol",
+            "uvloop Protocol",
+            (py, f"{peers}/asyncio_protocol.py", "--port", "{port}", "--uvloop"),
+            _ascii_upper,
+            PEER_WORKLOADS,
+            needs="uvloop",
+        ),
+    ]
+
+
+def _local_port_floor() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+def free_port() -> int:
+    """A port free on 127.0.0.1 for both TCP and UDP.
+
+    Taken below the ephemeral range where there is room, so that the
+    thousands of client ports the connect workload churns through never
+    land on the next server's port.
+    """
+    floor = _local_port_floor()
+    candidates = list(range(10_000, floor)) if floor > 11_000 else []
+    rng = int.from_bytes(os.urandom(4), "little")
+    for attempt in range(50):
+        port = candidates[(rng + attempt * 7919) % len(candidates)] if candidates else 0
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
+            try:
+                tcp.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            port = tcp.getsockname()[1]
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+                try:
+                    udp.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+        return int(port)
+    raise OSError("found no port free for both TCP and UDP on 127.0.0.1")
+
+
+class ServerError(Exception):
+    """A server failed to start, or to stop when told."""
+
+
+class RunningServer:
+    """A server process: started pinned, ready once it has printed its line."""
+
+    def __init__(self, server: Server, port: int, cpu: int | None, log: IO[bytes]) -> None:
+        self.server = server
+        self.port = port
+        self._log = log
+        with pinned(cpu):
+            self.process = subprocess.Popen(
+                server.command(port),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                # A file, not a pipe: a server that logs a lot must never
+                # block on a pipe nobody reads during the measurement.
+                stderr=log,
+                cwd=ROOT,
+            )
+        assert self.process.stdout is not None
+        self._stdout = LineReader(self.process.stdout)
+        self.ready_line = ""
+        self.exit_status: int | None = None
+        self._exit_reported = False
+
+    @property
+    def pid(self) -> int:
+        """The server's process id."""
+        return self.process.pid
+
+    def wait_ready(self) -> None:
+        """Wait for the line a server prints once it listens on its port."""
+        line = self._stdout.readline(time.monotonic() + READY_TIMEOUT)
+        if line is None:
+            self.process.wait()
+            self._exit_reported = True
+            raise ServerError(
+                f"{self.server.name} exited with status {self.process.returncode} "
+                "before saying it was ready"
+            )
+        if f":{self.port}" not in line:
+            raise ServerError(f"{self.server.name}: unexpected first line {line!r}")
+        self.ready_line = line
+
+    def stop(self) -> list[str]:
+        """Stop with SIGINT, as a user would; return what went wrong, if anything."""
+        problems: list[str] = []
+        if self.process.poll() is not None:
+            if self._exit_reported:
+                return problems
+            problems.append(
+                f"{self.server.name} had exited (status {self.process.returncode}) "
+                "before it was told to stop"
+            )
+        else:
+            self.process.send_signal(signal.SIGINT)
+            try:
+                self.process.wait(timeout=STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+                problems.append(
+                    f"{self.server.name} did not exit within {STOP_TIMEOUT:g} s of SIGINT"
+                )
+        self.exit_status = self.process.returncode
+        if self.exit_status != 0 and not problems:
+            problems.append(f"{self.server.name} exited with status {self.exit_status} on SIGINT")
+        self._stdout.close()
+        return problems
+
+    def kill(self) -> None:
+        """Make sure the process is gone (after an error in the harness)."""
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        self._stdout.close()
