@@ -89,9 +89,14 @@ class FastSocketStream(trio.abc.HalfCloseableStream):
             raise ValueError("FastSocketStream requires a SOCK_STREAM socket")
         sock.setblocking(False)
         if sock.family in (socket.AF_INET, socket.AF_INET6):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            # Failures are ignored, as trio.SocketStream ignores them: macOS
+            # and the BSDs refuse options on a connection already reset
+            # before it was accepted (EINVAL), and an old kernel may lack
+            # TCP_NOTSENT_LOWAT. The stream works without either; the reset
+            # connection then reports itself on first use.
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if hasattr(socket, "TCP_NOTSENT_LOWAT"):
-                # An old kernel may lack it: the stream works without.
                 with contextlib.suppress(OSError):
                     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, _NOTSENT_LOWAT)
         self.socket = sock
