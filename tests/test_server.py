@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import socket
 import struct
+from typing import Any
 
 import pytest
 import trio
@@ -286,13 +287,13 @@ async def test_a_bug_in_one_handler_does_not_stop_the_server(
     real_handle_stream = handle_stream
     calls = 0
 
-    async def first_one_crashes(stream: trio.abc.Stream, *, ascii_only: bool) -> int:
+    async def first_one_crashes(stream: trio.abc.Stream, **options: Any) -> int:
         nonlocal calls
         calls += 1
         if calls == 1:
             await stream.aclose()
             raise RuntimeError("a bug")
-        return await real_handle_stream(stream, ascii_only=ascii_only)
+        return await real_handle_stream(stream, **options)
 
     monkeypatch.setattr("trio_upper.server.handle_stream", first_one_crashes)
     server, listener, _ = await start_in_memory(nursery)

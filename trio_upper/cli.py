@@ -38,7 +38,15 @@ from .client import (
 )
 from .errors import UserError, leaves, plural
 from .ratelimit import DEFAULT_RATE
-from .server import DEFAULT_GRACE, DEFAULT_PORT, Endpoint, ServerConfig, UpperServer
+from .server import (
+    DEFAULT_GRACE,
+    DEFAULT_IDLE_TIMEOUT,
+    DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_PORT,
+    Endpoint,
+    ServerConfig,
+    UpperServer,
+)
 from .udp import MAX_PAYLOAD_IPV6
 
 __all__ = ["build_parser", "main"]
@@ -85,6 +93,13 @@ def _count(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be 0 or more, not {value}")
+    return value
+
+
+def _positive_count(text: str) -> int:
+    value = _count(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("must be 1 or more, not 0")
     return value
 
 
@@ -150,6 +165,22 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="on Ctrl-C or SIGTERM, seconds open connections may take to finish "
         "(default: %(default)s)",
+    )
+    serve.add_argument(
+        "--max-connections",
+        type=_positive_count,
+        default=DEFAULT_MAX_CONNECTIONS,
+        metavar="N",
+        help="TCP connections handled at once; more wait in the kernel's queue "
+        "until one closes (default: %(default)s)",
+    )
+    serve.add_argument(
+        "--idle-timeout",
+        type=_seconds,
+        default=DEFAULT_IDLE_TIMEOUT,
+        metavar="SECONDS",
+        help="close a TCP connection that sends nothing for this long; 0 never does "
+        "(default: %(default)g)",
     )
     serve.add_argument(
         "--udp-rate-limit",
@@ -251,6 +282,8 @@ async def _serve(args: argparse.Namespace) -> None:
         ascii_only=args.ascii,
         grace=args.grace,
         udp_rate_limit=args.udp_rate_limit,
+        max_connections=args.max_connections,
+        idle_timeout=args.idle_timeout,
     )
     server = UpperServer(config)
     # Signals are caught from before binding, so that a Ctrl-C at any moment

@@ -7,7 +7,7 @@ The task tree, from the top::
         └── handlers nursery: one handle_stream task per TCP connection
             └── accepting scope (cancelled at shutdown: stop accepting at once)
                 └── accepting nursery
-                    ├── trio.serve_listeners: accepts, starts handlers above
+                    ├── _accept_loop, one per listener: accepts, starts handlers above
                     └── serve_udp, one per bound UDP socket
 
 Shutdown is nothing but cancellation: :meth:`UpperServer.shutdown` cancels the
@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
+import math
 import socket
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -54,6 +55,23 @@ DEFAULT_PORT = 12000
 # stopped service is gone before an impatient person presses Ctrl-C again.
 DEFAULT_GRACE = 5.0
 
+# Connections handled at once. Past it, new connections wait, unaccepted,
+# in the kernel's listen queue until one ends: back-pressure on clients, and
+# a bound on the server's memory and file descriptors.
+DEFAULT_MAX_CONNECTIONS = 10_000
+
+# Seconds a connection may send nothing before the server closes it (the
+# slow-loris defence). Long enough for a person at the interactive client to
+# stop and think; 0 turns it off.
+DEFAULT_IDLE_TIMEOUT = 300.0
+
+# accept() errors that mean "out of something" (descriptors, kernel memory),
+# not "this listener is broken": wait a little, then accept again, as
+# trio.serve_listeners does. The wait is short because a connection ending
+# frees a descriptor at once.
+_ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
+_ACCEPT_RETRY = 0.1
+
 # With --port 0 the OS picks a free TCP port, and UDP (and the other address
 # family) must then bind that same number. Something else may hold it on UDP,
 # or grab it in between: try a few fresh ports before giving up.
@@ -77,6 +95,9 @@ class ServerConfig:
     grace: float = DEFAULT_GRACE
     # UDP replies per second per source address; 0 turns the limit off.
     udp_rate_limit: float = DEFAULT_RATE
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
+    # 0 means never.
+    idle_timeout: float = DEFAULT_IDLE_TIMEOUT
 
 
 @dataclass
@@ -224,6 +245,12 @@ class UpperServer:
         self._accepting = trio.CancelScope()
         self._handlers = trio.CancelScope()
         self._not_accepting = trio.Event()
+        # A slot per connection, taken before accept(): shared by every
+        # listener (IPv4 and IPv6), released when a handler ends.
+        self._slots = trio.Semaphore(config.max_connections)
+        # When accepting is paused (slots or descriptors ran out), for one
+        # log line per pause rather than one per attempt.
+        self._paused_since: float | None = None
         # One limiter for every UDP socket: a source is one source whichever
         # of our addresses it writes to.
         self._limiter = (
@@ -254,8 +281,9 @@ class UpperServer:
         """Serve on already-bound listeners and UDP sockets until shut down.
 
         This is the second half of :func:`trio.serve_tcp` (its
-        :func:`trio.serve_listeners`, with a handler nursery of our own so that
-        connections outlive the accept loop by the grace period) plus one
+        :func:`trio.serve_listeners`, here :meth:`_accept_loop`, with a handler
+        nursery of our own so that connections outlive the accept loop by the
+        grace period) plus one
         :func:`~trio_upper.udp.serve_udp` loop per UDP socket. Any
         :class:`trio.abc.Listener` works, which is how the tests drive it over
         in-memory streams.
@@ -295,15 +323,8 @@ class UpperServer:
             for sock in udp_sockets:
                 udp_closer.enter_context(sock)
             async with trio.open_nursery() as accepting:
-                if listeners:
-                    accepting.start_soon(
-                        partial(
-                            trio.serve_listeners,
-                            self._handle,
-                            list(listeners),
-                            handler_nursery=handlers,
-                        )
-                    )
+                for listener in listeners:
+                    accepting.start_soon(self._accept_loop, listener, handlers)
                 for sock in udp_sockets:
                     accepting.start_soon(
                         partial(
@@ -340,13 +361,62 @@ class UpperServer:
         """True once :meth:`shutdown` has been called."""
         return self._accepting.cancel_called
 
+    async def _accept_loop(self, listener: _TcpListener, handlers: trio.Nursery) -> None:
+        """Accept connections from ``listener`` while a slot is free and start
+        a handler in ``handlers`` for each; close ``listener`` when cancelled.
+
+        This is trio.serve_listeners' loop with two additions: it takes a
+        slot (``--max-connections``) before accepting, and it logs running
+        out of slots or descriptors once per episode, not once per attempt.
+        """
+        async with listener:
+            while True:
+                try:
+                    self._slots.acquire_nowait()
+                except trio.WouldBlock:
+                    self._pause(
+                        f"{self.stats.active} connections open, the most --max-connections allows"
+                    )
+                    await self._slots.acquire()
+                try:
+                    stream = await listener.accept()
+                except BaseException as exc:
+                    self._slots.release()
+                    if not (isinstance(exc, OSError) and exc.errno in _ACCEPT_CAPACITY_ERRNOS):
+                        raise
+                    self._pause(
+                        f"cannot accept with {self.stats.active} connections open: "
+                        f"{exc.strerror or exc}"
+                    )
+                    await trio.sleep(_ACCEPT_RETRY)
+                    continue
+                self._resume()
+                handlers.start_soon(self._handle, stream)
+
+    def _pause(self, why: str) -> None:
+        if self._paused_since is None:
+            self._paused_since = trio.current_time()
+            logger.warning("%s; new connections wait until one closes", why)
+
+    def _resume(self) -> None:
+        if self._paused_since is not None:
+            logger.warning(
+                "accepting connections again, after %.1f s",
+                trio.current_time() - self._paused_since,
+            )
+            self._paused_since = None
+
     async def _handle(self, stream: trio.abc.Stream) -> None:
         # Everything that can go wrong with one connection stops here: an
         # exception escaping a handler would crash the whole server.
         self.stats.connections += 1
         self.stats.active += 1
         try:
-            await handle_stream(stream, ascii_only=self.config.ascii_only)
+            await handle_stream(
+                stream,
+                ascii_only=self.config.ascii_only,
+                idle_timeout=self.config.idle_timeout or math.inf,
+            )
         except trio.Cancelled:
             self.stats.cut_off += 1
             raise
@@ -360,3 +430,4 @@ class UpperServer:
             )
         finally:
             self.stats.active -= 1
+            self._slots.release()

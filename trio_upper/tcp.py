@@ -10,6 +10,7 @@ sockets, so the very handler that production runs under
 from __future__ import annotations
 
 import logging
+import math
 
 import trio
 
@@ -27,6 +28,12 @@ logger = logging.getLogger("trio_upper.tcp")
 # the lecture's client sends no newline and reads once, and gets its answer.
 RECEIVE_SIZE = 65536
 
+# How much later than --idle-timeout an idle connection may be closed. Moving
+# a cancel scope's deadline costs about as much as answering a small request,
+# so the deadline is set this much further out and only moved when it gets
+# closer than the timeout: at most once per eighth of the timeout.
+_IDLE_SLACK = 0.125
+
 
 def describe_peer(stream: trio.abc.Stream) -> str:
     """A short name for the other end of ``stream``, for log lines."""
@@ -39,7 +46,9 @@ def describe_peer(stream: trio.abc.Stream) -> str:
     return f"<{type(stream).__name__}>"
 
 
-async def handle_stream(stream: trio.abc.Stream, *, ascii_only: bool = False) -> int:
+async def handle_stream(
+    stream: trio.abc.Stream, *, ascii_only: bool = False, idle_timeout: float = math.inf
+) -> int:
     """Uppercase everything that arrives on ``stream`` and send it back.
 
     Each chunk's uppercase is sent as soon as the chunk arrives: there is no
@@ -50,6 +59,10 @@ async def handle_stream(stream: trio.abc.Stream, *, ascii_only: bool = False) ->
     Args:
       stream: The connection. Any :class:`trio.abc.Stream` works.
       ascii_only: Use the ``--ascii`` transform (see :mod:`trio_upper.transform`).
+      idle_timeout: Close the connection once the peer has sent nothing for
+          this many seconds (up to an eighth more: see ``_IDLE_SLACK``). A
+          reply the peer does not read counts as silence too, so a client
+          that never reads cannot hold the connection for ever either.
 
     Returns:
       The number of bytes received.
@@ -58,27 +71,38 @@ async def handle_stream(stream: trio.abc.Stream, *, ascii_only: bool = False) ->
       ``stream`` is always closed before this returns or raises.
 
     Error handling:
-      A connection that breaks (reset by peer, broken pipe) ends here, logged at
-      debug level, and the function returns normally: one client's failure
-      never reaches the caller's nursery and so never stops the server.
-      Cancellation propagates as usual.
+      A connection that breaks (reset by peer, broken pipe) or goes idle ends
+      here, logged at debug level, and the function returns normally: one
+      client's failure never reaches the caller's nursery and so never stops
+      the server. Cancellation from outside propagates as usual.
     """
     # getpeername is a system call: skip it unless the log lines are shown.
     peer = describe_peer(stream) if logger.isEnabledFor(logging.DEBUG) else ""
     upper = Uppercaser(ascii_only=ascii_only)
     received = 0
     logger.debug("%s: connected", peer)
-    try:
-        async with stream:
-            while data := await stream.receive_some(RECEIVE_SIZE):
-                received += len(data)
-                if reply := upper.feed(bytes(data)):
-                    await stream.send_all(reply)
-            if tail := upper.flush():
-                await stream.send_all(tail)
-    except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-        cause = exc.__cause__ or exc
-        logger.debug("%s: connection lost after %d bytes: %s", peer, received, cause)
+    # One scope for the whole connection, its deadline pushed back as data
+    # arrives; pushing it back only once it is less than idle_timeout away
+    # keeps that to once per eighth of the timeout, not once per chunk.
+    renew = idle_timeout * (1 + _IDLE_SLACK)
+    with trio.CancelScope(deadline=trio.current_time() + renew) as idle:
+        try:
+            async with stream:
+                while data := await stream.receive_some(RECEIVE_SIZE):
+                    received += len(data)
+                    now = trio.current_time()
+                    if idle.deadline - now < idle_timeout:
+                        idle.deadline = now + renew
+                    if reply := upper.feed(bytes(data)):
+                        await stream.send_all(reply)
+                if tail := upper.flush():
+                    await stream.send_all(tail)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            cause = exc.__cause__ or exc
+            logger.debug("%s: connection lost after %d bytes: %s", peer, received, cause)
+            return received
+    if idle.cancelled_caught:
+        logger.debug("%s: closed after %g s idle, %d bytes", peer, idle_timeout, received)
     else:
         logger.debug("%s: closed after %d bytes", peer, received)
     return received
