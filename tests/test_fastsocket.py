@@ -86,6 +86,9 @@ async def test_listener_accepts_fast_streams_and_closes() -> None:
         with trio.testing.assert_checkpoints():
             stream = await listener.accept()
         assert isinstance(stream, FastSocketStream)
+        # Replies are not held back for Nagle, whether the option came from
+        # the listening socket or was set on the connection.
+        assert stream.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
         await stream.aclose()
     await listener.aclose()
     with pytest.raises(trio.ClosedResourceError):

@@ -61,6 +61,31 @@ _IGNORABLE_ACCEPT_ERRNOS = frozenset(
 )
 
 
+def _set_tcp_options(sock: socket.socket) -> None:
+    """TCP_NODELAY and TCP_NOTSENT_LOWAT on a TCP socket, as trio.SocketStream
+    sets them; other sockets (Unix) are left alone.
+
+    Failures are ignored, as trio.SocketStream ignores them: macOS and the
+    BSDs refuse options on a connection already reset before it was accepted
+    (EINVAL), and an old kernel may lack TCP_NOTSENT_LOWAT. A stream works
+    without either; a reset connection then reports itself on first use.
+    """
+    if sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if hasattr(socket, "TCP_NOTSENT_LOWAT"):
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, _NOTSENT_LOWAT)
+
+
+def _has_tcp_options(sock: socket.socket) -> bool:
+    try:
+        return bool(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+    except OSError:
+        return False
+
+
 def _stream_error(exc: OSError) -> Exception:
     """The stream exception for a socket error, as trio.SocketStream maps them."""
     if exc.errno == errno.EBADF:
@@ -73,9 +98,12 @@ class FastSocketStream(trio.abc.HalfCloseableStream):
 
     Args:
       sock: A connected ``SOCK_STREAM`` standard-library socket. The stream
-          makes it non-blocking, sets ``TCP_NODELAY`` (replies go out as soon
-          as they are written) and ``TCP_NOTSENT_LOWAT`` where the system has
-          them, and owns it from then on.
+          makes it non-blocking and owns it from then on.
+      set_options: Set ``TCP_NODELAY`` (replies go out as soon as they are
+          written) and ``TCP_NOTSENT_LOWAT`` where the system has them.
+          :class:`FastSocketListener` passes False when its connections
+          inherit both from the listening socket, saving two system calls
+          per connection.
 
     Attributes:
       socket: The underlying standard-library socket, for ``getpeername`` and
@@ -84,21 +112,12 @@ class FastSocketStream(trio.abc.HalfCloseableStream):
 
     __slots__ = ("_can_send", "_closed", "_receiving", "_sending", "_shut_wr", "socket")
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, *, set_options: bool = True) -> None:
         if sock.type != socket.SOCK_STREAM:
             raise ValueError("FastSocketStream requires a SOCK_STREAM socket")
         sock.setblocking(False)
-        if sock.family in (socket.AF_INET, socket.AF_INET6):
-            # Failures are ignored, as trio.SocketStream ignores them: macOS
-            # and the BSDs refuse options on a connection already reset
-            # before it was accepted (EINVAL), and an old kernel may lack
-            # TCP_NOTSENT_LOWAT. The stream works without either; the reset
-            # connection then reports itself on first use.
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            if hasattr(socket, "TCP_NOTSENT_LOWAT"):
-                with contextlib.suppress(OSError):
-                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, _NOTSENT_LOWAT)
+        if set_options:
+            _set_tcp_options(sock)
         self.socket = sock
         self._closed = False
         self._shut_wr = False
@@ -220,8 +239,11 @@ class FastSocketStream(trio.abc.HalfCloseableStream):
         if not self._closed:
             self._closed = True
             self._can_send = False
-            # Wakes any task parked on this socket before the fd goes away.
-            notify_closing(self.socket)
+            # Wake any task parked on this socket before the fd goes away.
+            # Only a task inside one of our calls can be parked on it, and
+            # notify_closing costs a system call: skip it when there is none.
+            if self._receiving or self._sending:
+                notify_closing(self.socket)
             self.socket.close()
         await checkpoint()
 
@@ -241,8 +263,13 @@ class FastSocketListener(trio.abc.Listener[FastSocketStream]):
         if not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
             raise ValueError("FastSocketListener requires a listening socket")
         sock.setblocking(False)
+        # Set here, the options reach every connection for free where the
+        # system copies them to accepted sockets (Linux and the BSDs do).
+        _set_tcp_options(sock)
         self.socket = sock
         self._closed = False
+        # Learned from the first connection: do accepted sockets inherit them?
+        self._options_inherited: bool | None = None
 
     @classmethod
     def from_trio(cls, listener: trio.SocketListener) -> FastSocketListener:
@@ -276,7 +303,9 @@ class FastSocketListener(trio.abc.Listener[FastSocketStream]):
                 if exc.errno not in _IGNORABLE_ACCEPT_ERRNOS:
                     raise
             else:
-                return FastSocketStream(sock)
+                if self._options_inherited is None:
+                    self._options_inherited = _has_tcp_options(sock)
+                return FastSocketStream(sock, set_options=not self._options_inherited)
 
     async def aclose(self) -> None:
         """Close the listening socket: new connections are refused from now

@@ -23,6 +23,7 @@ into chunks, the concatenated output equals the one-shot output.
 from __future__ import annotations
 
 import codecs
+from functools import partial
 
 __all__ = ["MAX_GROWTH", "Uppercaser", "upper_ascii", "upper_bytes"]
 
@@ -37,6 +38,9 @@ _ERRORS = "surrogateescape"
 # suite checks this bound against every code point; the README quotes it, as
 # the most reply bytes one request byte can cause. --ascii never grows.
 MAX_GROWTH = 3
+
+
+_new_decoder = partial(codecs.getincrementaldecoder("utf-8"), _ERRORS)
 
 
 def upper_ascii(data: bytes) -> bytes:
@@ -71,7 +75,9 @@ class Uppercaser:
 
     def __init__(self, *, ascii_only: bool = False) -> None:
         self._ascii_only = ascii_only
-        self._decoder = codecs.getincrementaldecoder("utf-8")(_ERRORS)
+        # Made on the first non-ASCII chunk: most connections never need one,
+        # and a server holds one Uppercaser per open connection.
+        self._decoder: codecs.IncrementalDecoder | None = None
         # True while the decoder holds the first bytes of a character split
         # across chunks. Kept as a flag so the ASCII fast path costs one check.
         self._holding = False
@@ -86,12 +92,16 @@ class Uppercaser:
             # The common case: bytes.upper() is a single C loop, so UTF-8 mode
             # costs nearly nothing on ASCII traffic.
             return data.upper()
+        if self._decoder is None:
+            self._decoder = _new_decoder()
         text = self._decoder.decode(data)
         self._holding = bool(self._decoder.getstate()[0])
         return text.upper().encode("utf-8", _ERRORS)
 
     def flush(self) -> bytes:
         """End the stream: return any held-back incomplete sequence, unchanged."""
+        if self._decoder is None:
+            return b""
         text = self._decoder.decode(b"", final=True)
         self._holding = False
         return text.encode("utf-8", _ERRORS)
