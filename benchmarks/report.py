@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Literal
 
 from .model import Result, RunInfo
+from .servers import MALLOC_ENV
 from .workloads import Workload
 
 __all__ = ["TARGETS", "Target", "evaluate", "write_report"]
@@ -169,6 +170,11 @@ def _markdown(
             f"and workload; {info.idle_connections:,} idle connections",
         ],
         ["our server's flags", " ".join(info.ours_flags) or "(none beyond host and port)"],
+        [
+            "every server's environment",
+            " ".join(f"`{k}={v}`" for k, v in MALLOC_ENV.items())
+            + " (glibc's steady state; see `MALLOC_ENV` in servers.py)",
+        ],
     ]
     out += _table(["", ""], rows)
     out += [""]
