@@ -1,5 +1,6 @@
 """Developer sessions: ``nox`` runs lint and test; ``nox -s test`` just the tests;
-``nox -s bench`` the benchmarks (never by default: they take minutes)."""
+``nox -s bench`` the benchmarks and ``nox -s soak`` the soak test (never by
+default: they take minutes)."""
 
 from __future__ import annotations
 
@@ -25,6 +26,15 @@ def test(session: nox.Session) -> None:
     """The test suite (pytest, pytest-trio, hypothesis)."""
     session.install("-e", ".[test]")
     session.run("pytest", *session.posargs)
+
+
+@nox.session
+def soak(session: nox.Session) -> None:
+    """Minutes of mixed TCP/UDP clients with random faults against one server,
+    checking every byte and the server's memory: ``nox -s soak -- --minutes 10``.
+    Never by default."""
+    session.install("-e", ".")
+    session.run("python", "-m", "tests.soak", *session.posargs)
 
 
 @nox.session

@@ -183,10 +183,25 @@ async def test_port_in_use_is_a_user_error(loopback: LoopbackServer) -> None:
         await UpperServer(ServerConfig(host="127.0.0.1", port=loopback.port)).run()
 
 
+async def _squat_udp_on_a_free_tcp_port(squatter: trio.socket.SocketType) -> int:
+    """Bind ``squatter`` to a port that TCP can bind too. A port the OS picks
+    for UDP may be one a recent TCP connection still holds in TIME_WAIT, and
+    then TCP would fail for that reason rather than the one under test."""
+    for _ in range(20):
+        (probe,) = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        port: int = probe.socket.getsockname()[1]
+        await probe.aclose()
+        try:
+            await squatter.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        return port
+    raise AssertionError("no port was free on both TCP and UDP")
+
+
 async def test_port_in_use_on_udp_only_releases_tcp(nursery: trio.Nursery) -> None:
     with trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as squatter:
-        await squatter.bind(("127.0.0.1", 0))
-        port = squatter.getsockname()[1]
+        port = await _squat_udp_on_a_free_tcp_port(squatter)
         with pytest.raises(UserError, match="Address already in use"):
             await UpperServer(ServerConfig(host="127.0.0.1", port=port)).run()
     # Nothing stayed bound: the same port now works for both.

@@ -72,6 +72,10 @@ DEFAULT_IDLE_TIMEOUT = 300.0
 _ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
 _ACCEPT_RETRY = 0.1
 
+# Under sustained overload accepting pauses and resumes once per connection;
+# a new pause is logged (with its resumption) at most this often.
+_PAUSE_LOG_INTERVAL = 10.0
+
 # With --port 0 the OS picks a free TCP port, and UDP (and the other address
 # family) must then bind that same number. Something else may hold it on UDP,
 # or grab it in between: try a few fresh ports before giving up.
@@ -249,8 +253,10 @@ class UpperServer:
         # listener (IPv4 and IPv6), released when a handler ends.
         self._slots = trio.Semaphore(config.max_connections)
         # When accepting is paused (slots or descriptors ran out), for one
-        # log line per pause rather than one per attempt.
+        # log line per pause rather than one per attempt (see _pause).
         self._paused_since: float | None = None
+        self._pause_logged = False
+        self._last_pause_log = -math.inf
         # One limiter for every UDP socket: a source is one source whichever
         # of our addresses it writes to.
         self._limiter = (
@@ -365,46 +371,72 @@ class UpperServer:
         """Accept connections from ``listener`` while a slot is free and start
         a handler in ``handlers`` for each; close ``listener`` when cancelled.
 
-        This is trio.serve_listeners' loop with two additions: it takes a
-        slot (``--max-connections``) before accepting, and it logs running
-        out of slots or descriptors once per episode, not once per attempt.
+        This is trio.serve_listeners' loop with two additions: it accepts
+        only while a connection slot (``--max-connections``) is free, and it
+        logs running out of slots or descriptors once per episode, not once
+        per attempt.
         """
         async with listener:
             while True:
-                try:
-                    self._slots.acquire_nowait()
-                except trio.WouldBlock:
+                if self._slots.value == 0:
                     self._pause(
-                        f"{self.stats.active} connections open, the most --max-connections allows"
+                        f"{self._in_use()} connections open, the most --max-connections allows"
                     )
-                    await self._slots.acquire()
+                    # Wait for a free slot without taking it: the accept
+                    # below may wait a long time, and a slot held meanwhile
+                    # would be lost to the other listeners (IPv4 and IPv6).
+                    async with self._slots:
+                        pass
                 try:
                     stream = await listener.accept()
-                except BaseException as exc:
-                    self._slots.release()
-                    if not (isinstance(exc, OSError) and exc.errno in _ACCEPT_CAPACITY_ERRNOS):
+                except OSError as exc:
+                    if exc.errno not in _ACCEPT_CAPACITY_ERRNOS:
                         raise
                     self._pause(
-                        f"cannot accept with {self.stats.active} connections open: "
+                        f"cannot accept with {self._in_use()} connections open: "
                         f"{exc.strerror or exc}"
                     )
                     await trio.sleep(_ACCEPT_RETRY)
                     continue
+                try:
+                    self._slots.acquire_nowait()
+                except trio.WouldBlock:
+                    # Another listener took the last slot while this one
+                    # waited in accept(): this connection, and no other,
+                    # waits (unread, unanswered) for the next free slot.
+                    try:
+                        await self._slots.acquire()
+                    except BaseException:
+                        await trio.aclose_forcefully(stream)
+                        raise
                 self._resume()
                 handlers.start_soon(self._handle, stream)
 
+    def _in_use(self) -> int:
+        return self.config.max_connections - self._slots.value
+
     def _pause(self, why: str) -> None:
-        if self._paused_since is None:
-            self._paused_since = trio.current_time()
+        if self._paused_since is not None:
+            return
+        now = trio.current_time()
+        self._paused_since = now
+        # At the limit for good, every connection that ends lets exactly one
+        # waiting connection in, and the next finds the server full again:
+        # one line for all of that, not two per connection.
+        self._pause_logged = now - self._last_pause_log >= _PAUSE_LOG_INTERVAL
+        if self._pause_logged:
+            self._last_pause_log = now
             logger.warning("%s; new connections wait until one closes", why)
 
     def _resume(self) -> None:
-        if self._paused_since is not None:
+        if self._paused_since is None:
+            return
+        if self._pause_logged:
             logger.warning(
                 "accepting connections again, after %.1f s",
                 trio.current_time() - self._paused_since,
             )
-            self._paused_since = None
+        self._paused_since = None
 
     async def _handle(self, stream: trio.abc.Stream) -> None:
         # Everything that can go wrong with one connection stops here: an

@@ -1,0 +1,1120 @@
+"""The hardening features: --max-connections, --idle-timeout, running out of
+file descriptors, the grace period's remaining edge cases, load, and the new
+``serve`` flags on the command line.
+
+Anything with a deadline in it (the idle timeout, the retry after EMFILE, a
+virtual hour of waiting for a slot) runs the server over in-memory streams
+under the autojump MockClock: virtual hours cost nothing, and a deadlock fails
+at once with TooSlowError instead of hanging the run. Real sockets are used
+where the kernel is the point (its accept backlog, TCP flow control, real
+descriptors); their deadlines are hang guards only. No test asserts how long
+anything took in real time.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import errno
+import itertools
+import logging
+import math
+import os
+import re
+import resource
+import select
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+
+from trio_upper import tcp as tcp_module
+from trio_upper.ratelimit import DEFAULT_RATE
+from trio_upper.server import (
+    DEFAULT_IDLE_TIMEOUT,
+    DEFAULT_MAX_CONNECTIONS,
+    Endpoint,
+    ServerConfig,
+    UpperServer,
+)
+from trio_upper.transform import upper_bytes
+
+from .conftest import (
+    PROCESS_TIMEOUT,
+    LoopbackServer,
+    cli,
+    receive_exactly,
+    receive_until_eof,
+    run_cli,
+)
+from .test_cli import entry_for, help_entries, usage_error_line
+
+HalfCloseable = trio.abc.HalfCloseableStream
+
+# Virtual seconds: only a deadlock gets this far, and then fails at once.
+HANG = 24 * 3600.0
+
+# Real seconds over loopback and for subprocesses: stops a hung test, and is
+# never what a test checks.
+LOOPBACK_HANG = float(PROCESS_TIMEOUT)
+
+# The idle timeout of the in-memory tests, in virtual seconds, and how much
+# later than it the issue allows an idle connection to be closed (an eighth:
+# the server moves its deadline at most once per eighth of the timeout).
+IDLE = 10.0
+IDLE_SLACK = 1 / 8
+
+# The log lines of the issue: one when new connections start to wait, one when
+# accepting resumes.
+PAUSED = "new connections wait until one closes"
+RESUMED = "accepting connections again"
+MAX_CONNECTIONS_PAUSE = "connections open, the most --max-connections allows; " + PAUSED
+
+# An accept loop that retries without waiting never lets the virtual clock
+# move: past this many accept() calls the test listener fails the test rather
+# than spin with it.
+MAX_ACCEPT_CALLS = 100_000
+
+# Text that grows, shrinks and breaks: "ΐ" comes back three times longer,
+# "ß" twice, invalid bytes unchanged.
+MIXED = "ΐ straße ŉ ".encode() + b"\xff plain ascii "
+
+
+def request_for(n: int) -> bytes:
+    """A request unique to client ``n`` that ends on a character boundary, so
+    its whole reply comes back without an end of stream."""
+    return f"client {n}: straße ΐ ŉ {'x' * (n % 17)}\n".encode()
+
+
+# --- An in-memory server -----------------------------------------------------------------
+
+
+class Descriptor(HalfCloseable):
+    """The server's end of a connection, holding one of its listener's
+    descriptors until the server closes it."""
+
+    def __init__(self, inner: HalfCloseable, listener: Listener) -> None:
+        self.inner = inner
+        self.listener = listener
+        self.closed = False
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        return await self.inner.receive_some(max_bytes)
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self.inner.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.inner.wait_send_all_might_not_block()
+
+    async def send_eof(self) -> None:
+        await self.inner.send_eof()
+
+    async def aclose(self) -> None:
+        if not self.closed:
+            self.closed = True
+            assert self.listener.descriptors is not None
+            self.listener.descriptors += 1
+        await self.inner.aclose()
+
+
+@dataclass(eq=False)
+class Queued:
+    """A connection in a listener's accept queue."""
+
+    stream: HalfCloseable
+    taken: trio.Event = field(default_factory=trio.Event)
+    refused: bool = False
+
+
+class Listener(trio.abc.Listener[HalfCloseable]):
+    """Like conftest's MemoryListener, plus what these tests need: lockstep
+    connections, a count of accept() calls (a spinning accept loop fails the
+    test), and the errors of a listening socket out of resources.
+
+    It keeps an accept queue, as the kernel does, so that errors come when a
+    listening socket gives them: ``fail_with`` (an errno; None for none) makes
+    accept() fail whenever a connection waits, for as long as it is set.
+    ``descriptors`` (None for no limit) is a descriptor table: each accepted
+    connection takes one until the server closes it, and with none left
+    accept() fails with EMFILE whether or not a connection waits."""
+
+    def __init__(self, descriptors: int | None = None) -> None:
+        self._queue: collections.deque[Queued] = collections.deque()
+        self._arrival = trio.lowlevel.ParkingLot()
+        self._closed = False
+        self.accept_calls = 0
+        self.fail_with: int | None = None
+        self.descriptors = descriptors
+
+    async def accept(self) -> HalfCloseable:
+        self.accept_calls += 1
+        if self.accept_calls > MAX_ACCEPT_CALLS:
+            raise AssertionError(f"accept() called {self.accept_calls} times: the loop spins")
+        await trio.lowlevel.checkpoint()
+        while True:
+            if self._closed:
+                raise trio.ClosedResourceError("the listener was closed")
+            # Linux looks for a free descriptor before it looks at the queue.
+            if self.descriptors == 0:
+                raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+            if self._queue:
+                if self.fail_with is not None:
+                    raise OSError(self.fail_with, os.strerror(self.fail_with))
+                break
+            await self._arrival.park()
+        queued = self._queue.popleft()
+        queued.taken.set()
+        if self.descriptors is None:
+            return queued.stream
+        self.descriptors -= 1
+        return Descriptor(queued.stream, self)
+
+    async def aclose(self) -> None:
+        # As closing a listening socket does: what waits in the queue is refused.
+        self._closed = True
+        for queued in self._queue:
+            queued.refused = True
+            queued.taken.set()
+        self._queue.clear()
+        self._arrival.unpark_all()
+        await trio.lowlevel.checkpoint()
+
+    async def connect(self, *, lockstep: bool = False) -> HalfCloseable:
+        """Open a connection; returns once the server has accepted it, raises
+        BrokenResourceError if the server stopped accepting first."""
+        client: HalfCloseable
+        server: HalfCloseable
+        if lockstep:
+            client, server = trio.testing.lockstep_stream_pair()
+        else:
+            client, server = trio.testing.memory_stream_pair()
+        if self._closed:
+            await trio.lowlevel.checkpoint()
+            raise trio.BrokenResourceError("connection refused")
+        queued = Queued(server)
+        self._queue.append(queued)
+        self._arrival.unpark_all()
+        try:
+            await queued.taken.wait()
+        finally:
+            if not queued.taken.is_set():  # cancelled: give up the place
+                self._queue.remove(queued)
+        if queued.refused:
+            raise trio.BrokenResourceError("connection refused")
+        return client
+
+
+@dataclass
+class InMemory:
+    server: UpperServer
+    listeners: list[Listener]
+    done: trio.Event
+
+    @property
+    def listener(self) -> Listener:
+        return self.listeners[0]
+
+
+async def serve_in_memory(
+    nursery: trio.Nursery, *, listeners: int = 1, descriptors: int | None = None, **options: Any
+) -> InMemory:
+    """An UpperServer with ``ServerConfig(**options)`` on in-memory listeners.
+    No idle timeout unless asked for: these tests let virtual hours pass."""
+    options.setdefault("idle_timeout", 0)
+    server = UpperServer(ServerConfig(**options))
+    made = [Listener(descriptors) for _ in range(listeners)]
+    done = trio.Event()
+
+    async def run(task_status: trio.TaskStatus[list[Endpoint]]) -> None:
+        await server.serve(made, [], task_status=task_status)
+        done.set()
+
+    await nursery.start(run)
+    return InMemory(server, made, done)
+
+
+class Dialing:
+    """A connection attempt left running: ``accepted`` is set once the server
+    accepts it, at virtual time ``at``."""
+
+    def __init__(self) -> None:
+        self.accepted = trio.Event()
+        self.stream: HalfCloseable | None = None
+        self.at = math.nan
+
+    async def run(self, listener: Listener) -> None:
+        self.stream = await listener.connect()
+        self.at = trio.current_time()
+        self.accepted.set()
+
+    async def wait(self) -> HalfCloseable:
+        await self.accepted.wait()
+        assert self.stream is not None
+        return self.stream
+
+
+async def dial(nursery: trio.Nursery, listener: Listener) -> Dialing:
+    """Start a connection attempt; returns once it waits to be accepted (so
+    that attempts dialled one after another queue in that order)."""
+    dialing = Dialing()
+    nursery.start_soon(dialing.run, listener)
+    await trio.testing.wait_all_tasks_blocked()
+    return dialing
+
+
+async def exchange(stream: trio.abc.Stream, request: bytes) -> None:
+    """Send ``request`` (whole characters) and check the reply, byte for byte."""
+    await stream.send_all(request)
+    expected = upper_bytes(request)
+    assert await receive_exactly(stream, len(expected)) == expected
+
+
+def server_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [
+        record.getMessage()
+        for record in caplog.records
+        if record.name == "trio_upper.server" and record.levelno >= logging.WARNING
+    ]
+
+
+def lines_with(lines: list[str], marker: str) -> list[str]:
+    return [line for line in lines if marker in line]
+
+
+# --- --max-connections, in memory -------------------------------------------------------
+
+
+async def test_the_connection_past_the_limit_waits_until_a_slot_frees(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="trio_upper")
+    with trio.fail_after(HANG):
+        served = await serve_in_memory(nursery, max_connections=3)
+        stats = served.server.stats
+        clients = [await served.listener.connect() for _ in range(3)]
+        for n, client in enumerate(clients):
+            await exchange(client, request_for(n))
+        fourth = await dial(nursery, served.listener)
+        await trio.sleep(3600)
+        # A virtual hour later it is still not accepted (had the accept loop
+        # spun meanwhile, the listener would have failed the test).
+        assert not fourth.accepted.is_set()
+        assert (stats.connections, stats.active) == (3, 3)
+        [warning] = server_warnings(caplog)
+        assert warning.endswith(MAX_CONNECTIONS_PAUSE)
+        # The three being handled are served as usual meanwhile.
+        for n, client in enumerate(clients):
+            await exchange(client, request_for(n + 10))
+
+        await clients[1].send_eof()
+        assert await receive_until_eof(clients[1]) == b""
+        stream = await fourth.wait()
+        await exchange(stream, b"the fourth, at last")
+        assert (stats.connections, stats.active) == (4, 3)
+
+        # Once the load is gone, a new connection is accepted at once, and
+        # by then the log says accepting has resumed, after the one warning.
+        for client in [clients[0], clients[2], stream]:
+            await client.aclose()
+        fresh = await served.listener.connect()
+        await exchange(fresh, b"fresh")
+        warnings = server_warnings(caplog)
+        resumed = [i for i, line in enumerate(warnings) if line.startswith(RESUMED)]
+        assert resumed, warnings
+        assert len(lines_with(warnings[: resumed[0]], PAUSED)) == 1, warnings
+        served.server.shutdown(grace=0)
+        await served.done.wait()
+    assert stats.cut_off == 1  # fresh, still open at the zero grace
+
+
+async def test_the_warning_states_how_many_connections_are_open(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="trio_upper")
+    with trio.fail_after(HANG):
+        served = await serve_in_memory(nursery, max_connections=3)
+        for n in range(3):
+            await exchange(await served.listener.connect(), request_for(n))
+        assert server_warnings(caplog) == [f"3 {MAX_CONNECTIONS_PAUSE}"]
+        served.server.shutdown(grace=0)
+
+
+async def test_the_limit_counts_the_connections_of_every_listener_together(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    with trio.fail_after(HANG):
+        served = await serve_in_memory(nursery, listeners=2, max_connections=2)
+        stats = served.server.stats
+        first, second = served.listeners
+        one = await first.connect()
+        two = await second.connect()
+        await exchange(one, b"one")
+        await exchange(two, b"two")
+        waiting = [await dial(nursery, first), await dial(nursery, second)]
+        await trio.sleep(3600)
+        assert stats.active == 2
+        # The documented slack: a listener already waiting in accept() when
+        # another took the last slot may take one connection, which then
+        # waits, unanswered, for a slot. At most one per extra listener.
+        assert sum(d.accepted.is_set() for d in waiting) <= 1
+        assert stats.connections == 2
+        # A slot frees: one of the two waiting is handled, not both.
+        await one.aclose()
+        await trio.sleep(3600)
+        assert sum(d.accepted.is_set() for d in waiting) >= 1
+        assert stats.active == 2
+        assert stats.connections == 3
+        await two.aclose()
+        for d in waiting:
+            await exchange(await d.wait(), b"in the end")
+        assert stats.connections == 4
+        served.server.shutdown(grace=0)
+
+
+async def test_every_slot_is_usable_from_any_one_listener(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="trio_upper")
+    with trio.fail_after(HANG):
+        # As with the default host: an IPv4 and an IPv6 listener, and all the
+        # clients use one of them.
+        served = await serve_in_memory(nursery, listeners=2, max_connections=2)
+        one = await served.listener.connect()
+        await exchange(one, b"one")
+        assert server_warnings(caplog) == []  # 1 open of 2 allowed: nothing to say
+        two = await served.listener.connect()
+        await exchange(two, b"two")
+        served.server.shutdown(grace=0)
+
+
+@pytest.mark.parametrize("limit", ["slots", "descriptors"])
+async def test_sustained_overload_is_one_episode_in_the_log(
+    limit: str,
+    nursery: trio.Nursery,
+    autojump_clock: trio.testing.MockClock,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING, logger="trio_upper")
+    with trio.fail_after(HANG):
+        if limit == "slots":
+            served = await serve_in_memory(nursery, max_connections=2)
+        else:
+            served = await serve_in_memory(nursery, descriptors=2)
+        listener = served.listener
+        open_ = [await listener.connect() for _ in range(2)]
+        waiting = [await dial(nursery, listener) for _ in range(4)]
+        # For the next few seconds, each connection that ends lets exactly one
+        # waiting connection in: connections wait all along, one episode.
+        for dialing in waiting:
+            await trio.sleep(1)
+            await open_.pop(0).aclose()
+            stream = await dialing.wait()
+            await exchange(stream, b"got in")
+            open_.append(stream)
+        await trio.sleep(1)
+        for stream in open_:
+            await stream.aclose()
+        fresh = await listener.connect()
+        await exchange(fresh, b"no one waits now")
+        warnings = server_warnings(caplog)
+        assert len(lines_with(warnings, PAUSED)) == 1, warnings
+        assert len(lines_with(warnings, RESUMED)) == 1, warnings
+        served.server.shutdown(grace=0)
+
+
+# --- Out of file descriptors, in memory -------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "error", [errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM], ids=errno.errorcode.get
+)
+async def test_out_of_descriptors_logs_once_keeps_serving_and_recovers(
+    error: int,
+    nursery: trio.Nursery,
+    autojump_clock: trio.testing.MockClock,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING, logger="trio_upper")
+    with trio.fail_after(HANG):
+        served = await serve_in_memory(nursery)
+        listener = served.listener
+        steady = await listener.connect()
+        await exchange(steady, b"before")
+        listener.fail_with = error
+        waiting = await dial(nursery, listener)
+        burst = 60.0
+        await trio.sleep(burst)
+        assert not waiting.accepted.is_set()
+        # Running: the open connection is served throughout the burst.
+        await exchange(steady, "during: straße".encode())
+        [warning] = server_warnings(caplog)
+        assert os.strerror(error) in warning
+        assert warning.endswith(PAUSED)
+        # Retried, not spun: at most 100 tries per (virtual) second.
+        assert listener.accept_calls <= 100 * burst
+
+        listener.fail_with = None
+        freed = trio.current_time()
+        stream = await waiting.wait()
+        assert waiting.at - freed <= 1.0  # served again as soon as it can be
+        await exchange(stream, b"after")
+        await exchange(steady, b"steady")
+        warnings = server_warnings(caplog)
+        assert len(warnings) == 2
+        assert warnings[1].startswith(RESUMED)
+        served.server.shutdown(grace=0)
+
+
+# --- --idle-timeout, in memory ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("first", [b"", b"hello"], ids=["never-sends", "after-an-exchange"])
+async def test_a_silent_connection_is_closed_after_the_idle_timeout(
+    first: bytes, nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    with trio.fail_after(HANG):
+        served = await serve_in_memory(nursery, idle_timeout=IDLE)
+        client = await served.listener.connect()
+        if first:
+            await exchange(client, first)
+        quiet_since = trio.current_time()
+        assert await client.receive_some() == b""  # the server closed it
+        silent_for = trio.current_time() - quiet_since
+        assert IDLE <= silent_for <= IDLE * (1 + IDLE_SLACK)
+        await trio.testing.wait_all_tasks_blocked()
+        stats = served.server.stats
+        # Closed as idle, which is not being cut off at shutdown.
+        assert (stats.connections, stats.active, stats.cut_off) == (1, 0, 0)
+        # And the server goes on.
+        other = await served.listener.connect()
+        await exchange(other, b"next")
+        served.server.shutdown(grace=0)
+
+
+async def test_a_connection_that_keeps_talking_lives_on(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    with trio.fail_after(HANG):
+        served = await serve_in_memory(nursery, idle_timeout=IDLE)
+        client = await served.listener.connect()
+        # A byte now and then, just under the timeout apart, for 30 timeouts.
+        for n in range(30):
+            await trio.sleep(IDLE * 0.99)
+            await exchange(client, bytes([ord("a") + n % 26]))
+        quiet_since = trio.current_time()
+        assert await client.receive_some() == b""
+        assert IDLE <= trio.current_time() - quiet_since <= IDLE * (1 + IDLE_SLACK)
+        served.server.shutdown(grace=0)
+
+
+async def test_a_client_that_sends_but_never_reads_is_closed_after_the_timeout(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    with trio.fail_after(HANG):
+        served = await serve_in_memory(nursery, idle_timeout=IDLE)
+        # Lockstep: each send waits for the server to read it, so the time of
+        # the last send that went through is the time the server last heard
+        # from us; the server's reply waits for a read that never comes.
+        client = await served.listener.connect(lockstep=True)
+        last_taken = trio.current_time()
+
+        async def flood() -> None:
+            nonlocal last_taken
+            for piece in itertools.repeat(MIXED * 100):
+                await client.send_all(piece)
+                last_taken = trio.current_time()
+
+        with pytest.raises(trio.BrokenResourceError):
+            await flood()
+        assert IDLE <= trio.current_time() - last_taken <= IDLE * (1 + IDLE_SLACK)
+        await trio.testing.wait_all_tasks_blocked()
+        stats = served.server.stats
+        assert (stats.connections, stats.active, stats.cut_off) == (1, 0, 0)
+        served.server.shutdown(grace=0)
+
+
+async def test_idle_timeout_zero_means_never(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    with trio.fail_after(HANG):
+        served = await serve_in_memory(nursery, idle_timeout=0)
+        client = await served.listener.connect()
+        await exchange(client, b"good night")
+        await trio.sleep(HANG / 2)  # half a virtual day
+        await exchange(client, b"good morning")
+        assert served.server.stats.active == 1
+        served.server.shutdown(grace=0)
+
+
+async def test_an_idle_close_frees_a_slot_for_a_waiting_connection(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    # The slow-loris defence: silent connections cannot hold every slot.
+    with trio.fail_after(HANG):
+        served = await serve_in_memory(nursery, max_connections=1, idle_timeout=IDLE)
+        silent = await served.listener.connect()
+        start = trio.current_time()
+        waiting = await dial(nursery, served.listener)
+        stream = await waiting.wait()
+        assert IDLE <= waiting.at - start <= IDLE * (1 + IDLE_SLACK)
+        assert await silent.receive_some() == b""
+        await exchange(stream, b"my turn")
+        served.server.shutdown(grace=0)
+
+
+# --- Real sockets: the kernel's backlog, flow control, shutdown --------------------------
+
+
+async def serve_loopback(
+    nursery: trio.Nursery, **options: Any
+) -> tuple[LoopbackServer, trio.Event]:
+    """An UpperServer with ``ServerConfig(**options)`` on 127.0.0.1 and a port
+    of the OS's choosing; the event is set when it has stopped."""
+    server = UpperServer(ServerConfig(host="127.0.0.1", port=0, **options))
+    done = trio.Event()
+
+    async def run(task_status: trio.TaskStatus[list[Endpoint]]) -> None:
+        await server.run(task_status=task_status)
+        done.set()
+
+    endpoints: list[Endpoint] = await nursery.start(run)
+    return LoopbackServer(server, endpoints), done
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    """Let the server's tasks run until ``condition`` holds: each wait is for
+    every task to be blocked (the kernel may still be delivering a FIN),
+    never a fixed time; the test's hang guard stops a hang."""
+    while not condition():
+        await trio.testing.wait_all_tasks_blocked(cushion=0.001)
+
+
+# Every client socket here sets SO_REUSEADDR before it connects. The load tests
+# leave thousands of connections in TIME_WAIT for a minute, each holding an
+# ephemeral port; without the flag, bind() of such a port fails for that
+# minute even with SO_REUSEADDR, and other tests bind ports the OS picked
+# for another purpose (test_server's test_port_in_use_on_udp_only_releases_tcp
+# binds TCP on a port chosen for UDP). With it, a bind with SO_REUSEADDR,
+# such as trio's listeners do, is not stopped by our leftovers.
+
+
+def reusable_socket() -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    return sock
+
+
+async def open_client(port: int) -> trio.SocketStream:
+    """A connection to 127.0.0.1 ``port`` (see reusable_socket)."""
+    sock = trio.socket.from_stdlib_socket(reusable_socket())
+    try:
+        await sock.connect(("127.0.0.1", port))
+    except BaseException:
+        sock.close()
+        raise
+    return trio.SocketStream(sock)
+
+
+def small_buffers(stream: trio.SocketStream) -> None:
+    """Shrink the client's kernel buffers, so that flow control pushes back
+    after little data rather than after megabytes of autotuned buffer."""
+    stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 16)
+    stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 16)
+
+
+async def test_connections_past_the_limit_wait_in_the_kernel_backlog(
+    nursery: trio.Nursery,
+) -> None:
+    with trio.fail_after(LOOPBACK_HANG):
+        served, _ = await serve_loopback(nursery, max_connections=2)
+        stats = served.server.stats
+        first, second = await open_client(served.port), await open_client(served.port)
+        await exchange(first, b"first")
+        await exchange(second, b"second")
+        # The kernel completes the handshake and takes the request...
+        third = await open_client(served.port)
+        await third.send_all(b"third")
+        await trio.testing.wait_all_tasks_blocked(cushion=0.05)
+        # ...but the server has not accepted it.
+        assert (stats.connections, stats.active) == (2, 2)
+        await first.aclose()
+        assert await receive_exactly(third, 5) == b"THIRD"
+        assert stats.connections == 3
+        for stream in (second, third):
+            await stream.aclose()
+        served.server.shutdown(grace=0)
+
+
+async def test_many_clients_through_few_slots_are_all_served_at_most_n_at_once(
+    nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    limit, clients = 4, 200
+    handling = most = 0
+    real_handle_stream = tcp_module.handle_stream
+
+    async def counting(stream: trio.abc.Stream, **options: Any) -> int:
+        nonlocal handling, most
+        handling += 1
+        most = max(most, handling)
+        try:
+            return await real_handle_stream(stream, **options)
+        finally:
+            handling -= 1
+
+    monkeypatch.setattr("trio_upper.server.handle_stream", counting)
+    with trio.fail_after(LOOPBACK_HANG):
+        served, _ = await serve_loopback(nursery, max_connections=limit)
+
+        async def client(n: int) -> None:
+            async with await open_client(served.port) as stream:
+                await exchange(stream, request_for(n))
+                await stream.send_eof()
+                assert await receive_until_eof(stream) == b""
+
+        async with trio.open_nursery() as clients_nursery:
+            for n in range(clients):
+                clients_nursery.start_soon(client, n)
+        stats = served.server.stats
+        await until(lambda: stats.active == 0)
+        assert most == limit
+        assert (stats.connections, stats.cut_off) == (clients, 0)
+        served.server.shutdown(grace=0)
+
+
+async def test_a_client_that_never_reads_is_held_back_by_flow_control_alone(
+    nursery: trio.Nursery,
+) -> None:
+    request = MIXED * 400_000  # 11 MB that comes back as 13 MB
+    # What may be in flight once the flood stalls: the kernel's buffers both
+    # ways and a read or two in the server: under 1 MB here. A server
+    # that kept reading would take in all of the request.
+    in_flight_bound = 4 * 1024 * 1024
+    with trio.fail_after(LOOPBACK_HANG):
+        served, _ = await serve_loopback(nursery)
+        flood = await open_client(served.port)
+        small_buffers(flood)
+        sent = 0
+
+        async def push() -> None:
+            nonlocal sent
+            for start in range(0, len(request), 65536):
+                piece = request[start : start + 65536]
+                await flood.send_all(piece)
+                sent += len(piece)
+            await flood.send_eof()
+
+        async with trio.open_nursery() as pushing:
+            pushing.start_soon(push)
+            await trio.testing.wait_all_tasks_blocked(cushion=0.05)
+            stalled_at = sent
+            assert stalled_at < in_flight_bound, f"the server took in {stalled_at} bytes"
+            # Other clients are served meanwhile, and the flood stays held back.
+            for n in range(3):
+                async with await open_client(served.port) as other:
+                    await exchange(other, request_for(n))
+            await trio.testing.wait_all_tasks_blocked(cushion=0.05)
+            assert sent < in_flight_bound, f"the server took in {sent} bytes"
+            # Once the client reads, everything comes back, nothing lost.
+            reply = await receive_until_eof(flood)
+        assert reply == upper_bytes(request)
+        await flood.aclose()
+        served.server.shutdown(grace=0)
+
+
+async def test_a_reply_in_flight_at_shutdown_comes_back_whole_after_a_half_close_in_the_grace(
+    nursery: trio.Nursery,
+) -> None:
+    request = MIXED * 80_000  # 2.2 MB: more than the buffers hold
+    first, rest = request[: len(request) // 2], request[len(request) // 2 :]
+    with trio.fail_after(LOOPBACK_HANG):
+        # The grace is the hang guard: the test is over once the exchange is.
+        served, done = await serve_loopback(nursery, grace=LOOPBACK_HANG)
+        stream = await open_client(served.port)
+        small_buffers(stream)
+        shut = trio.Event()
+        reply: list[bytes] = []
+
+        async def push() -> None:
+            await stream.send_all(first)
+            await shut.wait()
+            await stream.send_all(rest)
+            await stream.send_eof()  # the half-close, within the grace period
+
+        async def collect() -> None:
+            reply.append(await receive_until_eof(stream))
+
+        async with trio.open_nursery() as client:
+            client.start_soon(push)
+            # Stalled both ways: bytes in flight in each direction.
+            await trio.testing.wait_all_tasks_blocked(cushion=0.05)
+            served.server.shutdown()
+            await served.server.stopped_accepting()
+            shut.set()
+            client.start_soon(collect)
+        await done.wait()
+    assert reply == [upper_bytes(request)]
+    stats = served.server.stats
+    assert (stats.connections, stats.active, stats.cut_off) == (1, 0, 0)
+    await stream.aclose()
+
+
+async def test_a_connection_waiting_for_a_slot_at_shutdown_is_refused_not_left_hanging(
+    nursery: trio.Nursery,
+) -> None:
+    with trio.fail_after(LOOPBACK_HANG):
+        served, done = await serve_loopback(nursery, max_connections=1, grace=LOOPBACK_HANG)
+        stats = served.server.stats
+        open_ = await open_client(served.port)
+        await exchange(open_, b"open")
+        waiting = await open_client(served.port)  # in the kernel's backlog
+        await waiting.send_all(b"waiting")
+        await trio.testing.wait_all_tasks_blocked(cushion=0.05)
+        assert stats.connections == 1
+        served.server.shutdown()
+        await served.server.stopped_accepting()
+        # Closing the listener drops it: a reset, or on some systems an end
+        # of stream; never a reply, never a hang.
+        try:
+            got = await receive_until_eof(waiting)
+        except trio.BrokenResourceError:
+            got = b""
+        assert got == b""
+        # The open connection finishes its exchange in the grace period.
+        await open_.send_all("last words: straße".encode())
+        await open_.send_eof()
+        assert await receive_until_eof(open_) == b"LAST WORDS: STRASSE"
+        await done.wait()
+    assert (stats.connections, stats.active, stats.cut_off) == (1, 0, 0)
+    await open_.aclose()
+    await waiting.aclose()
+
+
+async def test_shutdown_closes_the_udp_sockets_at_once(nursery: trio.Nursery) -> None:
+    with trio.fail_after(LOOPBACK_HANG):
+        served, done = await serve_loopback(nursery, grace=LOOPBACK_HANG)
+        with served.udp_socket() as sock:
+            await sock.connect(("127.0.0.1", served.port))
+            await sock.send(b"before")
+            assert await sock.recv(100) == b"BEFORE"
+            served.server.shutdown()
+            await served.server.stopped_accepting()
+            await sock.send(b"after")
+            # No one is there now: the kernel says so at once (ICMP).
+            with pytest.raises(ConnectionRefusedError):
+                await sock.recv(100)
+        await done.wait()  # no TCP connection was open: nothing to wait for
+
+
+# --- Load ---------------------------------------------------------------------------------
+
+CONCURRENT = 1500  # connections open at once: 3000 descriptors in this process
+CHURN = 3000  # connect, exchange, close cycles
+CHURN_WORKERS = 50
+DATAGRAMS = 300
+
+
+def need_descriptors(count: int) -> None:
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < count:
+        pytest.skip(f"needs {count} file descriptors; ulimit -n is {soft}")
+
+
+async def test_many_concurrent_connections_each_get_their_own_bytes_back(
+    loopback: LoopbackServer,
+) -> None:
+    need_descriptors(2 * CONCURRENT + 200)  # both ends are in this process
+    stats = loopback.server.stats
+    arrived = 0
+    all_open = trio.Event()
+
+    async def client(n: int) -> None:
+        nonlocal arrived
+        async with await open_client(loopback.port) as stream:
+            await exchange(stream, request_for(n))
+            arrived += 1
+            if arrived == CONCURRENT:
+                all_open.set()
+            await all_open.wait()
+            # Everyone is connected: now each sends again and half-closes.
+            tail = f"{n} bye ß\xe2".encode()  # ends inside a character
+            await stream.send_all(tail)
+            await stream.send_eof()
+            assert await receive_until_eof(stream) == upper_bytes(tail)
+
+    with trio.fail_after(LOOPBACK_HANG):
+        async with trio.open_nursery() as nursery:
+            for n in range(CONCURRENT):
+                nursery.start_soon(client, n)
+            await all_open.wait()
+            # Every handler is running: none of their clients has closed.
+            assert stats.active == CONCURRENT
+        await until(lambda: stats.active == 0)
+    assert (stats.connections, stats.cut_off) == (CONCURRENT, 0)
+
+
+async def test_connection_churn_keeps_the_server_responsive_and_the_counts_add_up(
+    nursery: trio.Nursery,
+) -> None:
+    with trio.fail_after(LOOPBACK_HANG):
+        served, _ = await serve_loopback(nursery, udp_rate_limit=0)
+        stats = served.server.stats
+        cycles = iter(range(CHURN))
+        churning = True
+        steady_exchanges = 0
+
+        async def churn() -> None:
+            for n in cycles:
+                async with await open_client(served.port) as stream:
+                    await exchange(stream, request_for(n))
+                    if n % 2:
+                        # Half the time: half-close and wait for the server's end.
+                        await stream.send_eof()
+                        assert await receive_until_eof(stream) == b""
+
+        async def steady() -> None:
+            # One long connection, answered all through the churn.
+            nonlocal steady_exchanges
+            async with await open_client(served.port) as stream:
+                while True:
+                    await exchange(stream, f"steady {steady_exchanges} ΐ".encode())
+                    steady_exchanges += 1
+                    if not churning:
+                        break
+                    await trio.sleep(0.005)  # a steady pace, not a third load
+
+        async def datagrams() -> None:
+            with served.udp_socket() as sock:
+                await sock.connect(("127.0.0.1", served.port))
+                for n in range(DATAGRAMS):
+                    request = request_for(n)
+                    await sock.send(request)
+                    assert await sock.recv(1000) == upper_bytes(request)
+
+        async with trio.open_nursery() as load:
+            load.start_soon(steady)
+            load.start_soon(datagrams)
+            async with trio.open_nursery() as workers:
+                for _ in range(CHURN_WORKERS):
+                    workers.start_soon(churn)
+            churning = False
+        await until(lambda: stats.active == 0)
+    assert steady_exchanges > 0
+    assert (stats.connections, stats.cut_off) == (CHURN + 1, 0)
+    assert stats.udp.datagrams == DATAGRAMS
+    assert (stats.udp.rate_limited, stats.udp.dropped) == (0, 0)
+    served.server.shutdown(grace=0)
+
+
+# --- The command line ---------------------------------------------------------------------
+
+
+def test_serve_help_states_each_hardening_flag_and_its_default() -> None:
+    result = run_cli("serve", "--help")
+    assert result.returncode == 0
+    entries = help_entries(result.stdout.decode())
+    expected = {
+        "--max-connections": f"(default: {DEFAULT_MAX_CONNECTIONS})",
+        "--idle-timeout": f"(default: {DEFAULT_IDLE_TIMEOUT:g})",
+        "--udp-rate-limit": f"(default: {DEFAULT_RATE:g}",
+        "--grace": "(default: ",
+    }
+    for option, default in expected.items():
+        help_text = entry_for(entries, option)
+        assert default in help_text, (option, help_text)
+        assert help_text.count("(default:") == 1, (option, help_text)
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        ("--max-connections", "0"),
+        ("--max-connections", "2.5"),
+        ("--max-connections", "many"),
+        ("--idle-timeout", "-1"),
+        ("--idle-timeout", "nan"),
+        ("--udp-rate-limit", "x"),
+        ("--udp-rate-limit", "-1"),
+    ],
+    ids=str,
+)
+def test_bad_hardening_flag_value_is_one_usage_error_line(option: str, value: str) -> None:
+    line = usage_error_line(run_cli("serve", option, value), "serve")
+    assert option in line
+    assert value in line
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "0",
+        "-1",
+    ],
+)
+def test_max_connections_error_states_the_real_limit(value: str) -> None:
+    line = usage_error_line(run_cli("serve", "--max-connections", value), "serve")
+    assert "1 or more" in line
+    assert "0 or more" not in line
+
+
+class Stderr:
+    """A server subprocess's stderr, read as it comes (the hang guard bounds
+    every wait), and what came after, once the process has ended."""
+
+    def __init__(self, proc: subprocess.Popen[bytes]) -> None:
+        assert proc.stderr is not None
+        self.proc = proc
+        self.fd = proc.stderr.fileno()
+        self.seen = b""
+
+    def wait_for(self, marker: str) -> str:
+        deadline = time.monotonic() + PROCESS_TIMEOUT
+        while marker.encode() not in self.seen:
+            remaining = deadline - time.monotonic()
+            assert remaining > 0, f"the server never logged {marker!r}: {self.seen!r}"
+            ready, _, _ = select.select([self.fd], [], [], remaining)
+            if ready:
+                chunk = os.read(self.fd, 65536)
+                assert chunk, f"the server's stderr ended before {marker!r}: {self.seen!r}"
+                self.seen += chunk
+        return self.seen.decode()
+
+    def stop(self, sig: int = signal.SIGTERM) -> tuple[int, str, str]:
+        """Send ``sig``; return (exit status, the rest of stdout, all of stderr)."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        out, err = self.proc.communicate(timeout=PROCESS_TIMEOUT)
+        return self.proc.returncode, out.decode(), (self.seen + err).decode()
+
+
+def lower_descriptor_limit(limit: int) -> Callable[[], None]:
+    def set_limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
+
+    return set_limit
+
+
+@contextlib.contextmanager
+def serve_process(
+    *flags: str, preexec_fn: Callable[[], None] | None = None
+) -> Iterator[tuple[subprocess.Popen[bytes], int, Stderr]]:
+    """``serve`` on 127.0.0.1, a port of the OS's choosing, with ``flags``:
+    (the process, its port, its stderr). Killed at the end whatever happened."""
+    proc = subprocess.Popen(
+        cli("serve", "--host", "127.0.0.1", "--port", "0", *flags),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        preexec_fn=preexec_fn,
+    )
+    try:
+        assert proc.stdout is not None
+        first_line = proc.stdout.readline().decode()
+        found = re.search(r"tcp 127\.0\.0\.1:(\d+)", first_line)
+        assert found, f"the server did not start: {first_line!r}"
+        yield proc, int(found.group(1)), Stderr(proc)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate(timeout=PROCESS_TIMEOUT)
+
+
+def connect(port: int) -> socket.socket:
+    """A blocking connection to 127.0.0.1 ``port``; each wait is bounded."""
+    sock = reusable_socket()
+    try:
+        sock.settimeout(PROCESS_TIMEOUT)
+        sock.connect(("127.0.0.1", port))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def recv_exactly(conn: socket.socket, size: int) -> bytes:
+    data = b""
+    while len(data) < size:
+        chunk = conn.recv(size - len(data))
+        assert chunk, f"EOF after {len(data)} of {size} bytes"
+        data += chunk
+    return data
+
+
+def test_serve_flags_reach_the_server() -> None:
+    # One slot, held by a client that then goes quiet: the next client waits
+    # in the backlog until the idle timeout frees the slot.
+    with serve_process("--max-connections", "1", "--idle-timeout", "0.5") as (_, port, err):
+        with connect(port) as quiet, connect(port) as waiting:
+            quiet.sendall(b"quiet")
+            assert recv_exactly(quiet, 5) == b"QUIET"
+            waiting.sendall(b"waiting")
+            err.wait_for(PAUSED)
+            assert quiet.recv(100) == b""  # closed by the server for idling
+            assert recv_exactly(waiting, 7) == b"WAITING"
+            err.wait_for(RESUMED)
+        status, out, log = err.stop()
+    assert status == 0
+    assert "Traceback" not in log
+    assert MAX_CONNECTIONS_PAUSE in log
+    assert out.splitlines()[-1].startswith("Stopped: served 2 TCP connections")
+
+
+DESCRIPTOR_LIMIT = 40  # soft and hard: the server cannot raise it again
+WAITING = 5  # connections more than the server has descriptors for
+
+
+def open_descriptors(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts descriptors in /proc")
+def test_out_of_descriptors_in_a_real_server_process() -> None:
+    with serve_process("--tcp-only", preexec_fn=lower_descriptor_limit(DESCRIPTOR_LIMIT)) as (
+        proc,
+        port,
+        err,
+    ):
+        # Every descriptor the server does not use yet is one connection.
+        room = DESCRIPTOR_LIMIT - open_descriptors(proc.pid)
+        assert room > 10, f"the server uses {DESCRIPTOR_LIMIT - room} descriptors idle"
+        clients = [connect(port) for _ in range(room + WAITING)]
+        try:
+            for n, conn in enumerate(clients):
+                conn.sendall(request_for(n))
+            err.wait_for("Too many open files")
+            assert open_descriptors(proc.pid) == DESCRIPTOR_LIMIT
+            # The accept queue is first in, first out: the first ones are
+            # accepted, and served although the server is out of descriptors.
+            for n, conn in enumerate(clients[:room]):
+                expected = upper_bytes(request_for(n))
+                assert recv_exactly(conn, len(expected)) == expected
+            # Descriptors free up: the rest are taken from the queue and served.
+            for conn in clients[:room]:
+                conn.close()
+            for n, conn in enumerate(clients[room:], start=room):
+                expected = upper_bytes(request_for(n))
+                assert recv_exactly(conn, len(expected)) == expected
+            err.wait_for(RESUMED)
+            with connect(port) as fresh:
+                fresh.sendall(b"fresh")
+                assert recv_exactly(fresh, 5) == b"FRESH"
+        finally:
+            for conn in clients:
+                conn.close()
+        status, out, log = err.stop()
+    assert status == 0
+    assert "Traceback" not in log
+    # The burst is logged once, up to the moment accepting resumes. (What
+    # comes after may repeat it: see test_sustained_overload_is_one_episode.)
+    burst = log[: log.index(RESUMED)]
+    assert burst.count("Too many open files") == 1, log
+    assert burst.count(PAUSED) == 1, log
+    served = room + WAITING + 1
+    assert out.splitlines()[-1].startswith(f"Stopped: served {served} TCP connections")
