@@ -88,8 +88,10 @@ class Server:
 
 
 def ours_extra_flags() -> list[str]:
-    """Flags our server gets beyond host and port: ``--udp-rate-limit 0`` if it
-    has that option, since the peers limit nothing."""
+    """Flags our server gets beyond host and port, to limit nothing the peers
+    do not limit: ``--udp-rate-limit 0`` (the UDP load comes from one
+    address), and ``--max-connections`` above the idle workload's 10,000
+    connections plus its warm-up ones (the default is exactly 10,000)."""
     helptext = subprocess.run(
         [sys.executable, "-m", "trio_upper", "serve", "--help"],
         capture_output=True,
@@ -98,7 +100,12 @@ def ours_extra_flags() -> list[str]:
         check=True,
         timeout=READY_TIMEOUT,
     ).stdout
-    return ["--udp-rate-limit", "0"] if "--udp-rate-limit" in helptext else []
+    flags = []
+    if "--udp-rate-limit" in helptext:
+        flags += ["--udp-rate-limit", "0"]
+    if "--max-connections" in helptext:
+        flags += ["--max-connections", "1000000"]
+    return flags
 
 
 def servers(ours_flags: Sequence[str]) -> list[Server]:
