@@ -19,6 +19,10 @@ from .model import Result, RunInfo
 from .servers import MALLOC_ENV
 from .workloads import Workload
 
+# Written by hand from profiles: what stands in the way of the targets not
+# met. Full runs copy it into RESULTS.md, under the targets.
+ANALYSIS = Path(__file__).resolve().parent / "ANALYSIS.md"
+
 __all__ = ["TARGETS", "Target", "evaluate", "write_report"]
 
 OURS = "ours"
@@ -219,6 +223,10 @@ def _markdown(
         verdict = "not measured" if met is None else "yes" if met else "**no**"
         rows.append([target.describe(titles), _num(value), verdict])
     out += _table(["target", "measured", "met"], rows)
+    if ANALYSIS.exists() and not info.quick:
+        # Written by hand from profiles of the runs it names: what stands in
+        # the way of the targets not met.
+        out += ["", ANALYSIS.read_text().strip()]
 
     out += ["", "## Throughput and latency", ""]
     rows = []
