@@ -815,7 +815,7 @@ async def test_shutdown_closes_the_udp_sockets_at_once(nursery: trio.Nursery) ->
 
 # --- Load ---------------------------------------------------------------------------------
 
-CONCURRENT = 1500  # connections open at once: 3000 descriptors in this process
+CONCURRENT = 3000  # connections open at once: 6000 descriptors in this process
 CHURN = 3000  # connect, exchange, close cycles
 CHURN_WORKERS = 50
 DATAGRAMS = 300
