@@ -422,6 +422,24 @@ def test_unresolvable_host_is_one_error_line(args: tuple[str, ...]) -> None:
     assert line.startswith("trio-upper: error: cannot resolve host 'no-such-host.invalid'")
 
 
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("tcp", "a..b", "-p", "12000"),
+        ("udp", "a..b", "-p", "12000"),
+        ("serve", "--host", "x" * 64 + ".example", "--port", "0"),
+    ],
+    ids=["tcp", "udp", "serve"],
+)
+def test_malformed_host_name_is_one_error_line(args: tuple[str, ...]) -> None:
+    # Python's IDNA codec rejects these before any lookup, with UnicodeError.
+    result = run_cli(*args, input=b"hello\n")
+    assert result.returncode == 1
+    line = error_line(result)
+    assert line.startswith("trio-upper: error: cannot resolve host ")
+    assert line.endswith(": not a valid host name")
+
+
 def test_port_in_use_is_one_error_line(server_process: ServerProcess) -> None:
     port = str(server_process.port)
     second = run_cli("serve", "--host", "127.0.0.1", "--port", port)

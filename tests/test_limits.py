@@ -75,7 +75,7 @@ IDLE_SLACK = 1 / 8
 # accepting resumes.
 PAUSED = "new connections wait until one closes"
 RESUMED = "accepting connections again"
-MAX_CONNECTIONS_PAUSE = "connections open, the most --max-connections allows; " + PAUSED
+MAX_CONNECTIONS_PAUSE = " open, the most --max-connections allows; " + PAUSED
 
 # An accept loop that retries without waiting never lets the virtual clock
 # move: past this many accept() calls the test listener fails the test rather
@@ -343,7 +343,7 @@ async def test_the_warning_states_how_many_connections_are_open(
         served = await serve_in_memory(nursery, max_connections=3)
         for n in range(3):
             await exchange(await served.listener.connect(), request_for(n))
-        assert server_warnings(caplog) == [f"3 {MAX_CONNECTIONS_PAUSE}"]
+        assert server_warnings(caplog) == [f"3 connections{MAX_CONNECTIONS_PAUSE}"]
         served.server.shutdown(grace=0)
 
 
@@ -1118,3 +1118,29 @@ def test_out_of_descriptors_in_a_real_server_process() -> None:
     assert burst.count(PAUSED) == 1, log
     served = room + WAITING + 1
     assert out.splitlines()[-1].startswith(f"Stopped: served {served} TCP connections")
+
+
+async def test_a_pause_soon_after_another_is_still_logged_if_it_lasts(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="trio_upper")
+    with trio.fail_after(HANG):
+        served = await serve_in_memory(nursery, max_connections=1)
+        listener = served.listener
+        one = await listener.connect()
+        first = await dial(nursery, listener)
+        await trio.sleep(1)
+        await one.aclose()
+        two = await first.wait()
+        await exchange(two, b"in")
+        # Full again at once: too soon for a new line...
+        second = await dial(nursery, listener)
+        await trio.sleep(1)
+        assert len(lines_with(server_warnings(caplog), PAUSED)) == 1
+        # ...but a pause that goes on is said, so the log never claims the
+        # server accepts while it does not.
+        await trio.sleep(30)
+        assert len(lines_with(server_warnings(caplog), PAUSED)) == 2
+        await two.aclose()
+        await exchange(await second.wait(), b"in at last")
+        served.server.shutdown(grace=0)

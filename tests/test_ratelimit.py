@@ -23,6 +23,8 @@ from trio_upper.ratelimit import (
     DEFAULT_RATE,
     ReplyRateLimiter,
     Verdict,
+    network_label,
+    source_network,
 )
 from trio_upper.transform import MAX_GROWTH, upper_ascii, upper_bytes
 
@@ -441,3 +443,24 @@ def test_no_amplification_in_ascii_mode_or_for_invalid_utf8() -> None:
     assert len(upper_ascii(every_byte)) == 256
     for byte in range(0x80, 0x100):
         assert upper_bytes(bytes([byte])) == bytes([byte])
+
+
+@pytest.mark.parametrize(
+    ("address", "same", "other"),
+    [
+        ("192.0.2.1", "192.0.2.254", "192.0.3.1"),
+        ("2001:db8:0:ff::1", "2001:db8:0:ff:ffff::9", "2001:db8:0:100::1"),
+        ("fe80::1%eth0", "fe80::2", "fe80:0:0:100::1"),
+    ],
+)
+def test_source_network_groups_a_slash_24_or_a_slash_56(
+    address: str, same: str, other: str
+) -> None:
+    # A forger spreading requests over a victim's network gets one bucket.
+    assert source_network(address) == source_network(same)
+    assert source_network(address) != source_network(other)
+
+
+def test_network_label_names_the_counted_network() -> None:
+    assert network_label("192.0.2.77") == "192.0.2.0/24"
+    assert network_label("2001:db8:0:ff::1") == "2001:db8::/56"

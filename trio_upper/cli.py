@@ -184,9 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
         type=_rate,
         default=DEFAULT_RATE,
         metavar="N",
-        help="UDP replies per second to any one address, so that forged requests "
-        "cannot aim a flood at a victim; 0 turns it off (default: %(default)g, "
-        "with a burst of 2 seconds' worth)",
+        help="UDP replies per second to any one network (a /24, or an IPv6 /56), so "
+        "that forged requests cannot aim a flood at a victim; 0 turns it off "
+        "(default: %(default)g, with a burst of 2 seconds' worth)",
     )
     serve.set_defaults(run=_serve)
 

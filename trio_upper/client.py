@@ -107,7 +107,7 @@ async def connect_tcp(host: str, port: int, *, timeout: float) -> trio.SocketStr
         raise UserError(
             f"timed out after {timeout:g} s connecting to {host} port {port}"
         ) from None
-    except socket.gaierror as exc:
+    except (socket.gaierror, UnicodeError) as exc:
         raise UserError.unresolvable(host, exc) from None
     except OSError as exc:
         raise UserError(f"cannot connect to {host} port {port}: {_reason(exc)}") from None
@@ -380,7 +380,7 @@ async def resolve_udp(host: str, port: int) -> list[Address]:
     """
     try:
         infos = await trio.socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
-    except socket.gaierror as exc:
+    except (socket.gaierror, UnicodeError) as exc:
         raise UserError.unresolvable(host, exc) from None
     return [(family, sockaddr) for family, _, _, _, sockaddr in infos]
 

@@ -20,9 +20,12 @@ class UserError(Exception):
     """
 
     @classmethod
-    def unresolvable(cls, host: str | None, exc: OSError) -> UserError:
-        """The error for a name the resolver does not know."""
-        return cls(f"cannot resolve host {host!r}: {exc.strerror}")
+    def unresolvable(cls, host: str | None, exc: Exception) -> UserError:
+        """The error for a name the resolver does not know, or that is not a
+        valid host name at all (an empty label, a label over 63 characters:
+        Python's IDNA encoding raises UnicodeError for those)."""
+        reason = exc.strerror if isinstance(exc, OSError) else "not a valid host name"
+        return cls(f"cannot resolve host {host!r}: {reason}")
 
 
 def host_port(host: str, port: int) -> str:

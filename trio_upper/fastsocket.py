@@ -80,10 +80,16 @@ def _set_tcp_options(sock: socket.socket) -> None:
 
 
 def _has_tcp_options(sock: socket.socket) -> bool:
+    """Whether ``sock`` already has what _set_tcp_options would set."""
     try:
-        return bool(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+        if not sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY):
+            return False
+        if hasattr(socket, "TCP_NOTSENT_LOWAT"):
+            lowat = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT)
+            return bool(lowat == _NOTSENT_LOWAT)
     except OSError:
         return False
+    return True
 
 
 def _stream_error(exc: OSError) -> Exception:

@@ -5,19 +5,20 @@ address is forged: the reply then goes to that address, a victim who never
 asked for it. That makes any UDP server a *reflector*, and one whose replies
 are larger than its requests an *amplifier*. :class:`ReplyRateLimiter` caps
 the replies each source address can get, in the spirit of DNS Response Rate
-Limiting: a token bucket per address, so a person or a program that talks to
-the server normally never notices, while a flood aimed at one victim gets at
-most ``burst + rate * t`` replies in any ``t`` seconds.
+Limiting: a token bucket per source (the server keys it by network, see
+:func:`source_network`), so a person or a program that talks to the server
+normally never notices, while a flood aimed at one victim gets at most
+``burst + rate * t`` replies in any ``t`` seconds.
 
-Like :mod:`trio_upper.transform`, this module knows nothing about sockets or
-trio: the caller passes the time, so it can be tested without a clock. The
-server passes :func:`trio.current_time` and the sender's IP address::
+Like :mod:`trio_upper.transform`, this module does no I/O and knows nothing
+of trio: the caller passes the time, so it can be tested without a clock. The
+server passes :func:`trio.current_time` and the sender's network::
 
-    verdict = limiter.check(sender[0], trio.current_time())
+    verdict = limiter.check(source_network(sender[0]), trio.current_time())
     if verdict is Verdict.FIRST_REFUSAL:
-        logger.warning("rate limiting replies to %s", sender[0])
+        logger.warning("rate limiting replies to %s", network_label(sender[0]))
     if verdict is Verdict.ALLOW:
-        await sock.sendto(reply, sender)
+        sock.sendto(reply, sender)
 
 How much one request byte can cost a victim (the amplification factor):
 
@@ -46,7 +47,9 @@ this server will send to any one address.
 from __future__ import annotations
 
 import enum
+import ipaddress
 import math
+import socket
 from collections import OrderedDict
 
 __all__ = [
@@ -56,6 +59,8 @@ __all__ = [
     "DEFAULT_RATE",
     "ReplyRateLimiter",
     "Verdict",
+    "network_label",
+    "source_network",
 ]
 
 # Replies per second per source address. Far above what people and the
@@ -89,6 +94,28 @@ DEFAULT_BURST = DEFAULT_RATE * BURST_SECONDS
 # evicted while at most this many addresses are heard from in any 2 s; past
 # that, see ReplyRateLimiter for what an eviction costs.
 DEFAULT_MAX_SOURCES = 65_536
+
+
+def source_network(address: str) -> str:
+    """The key a reply to ``address`` is counted under: its /24 for IPv4, its
+    /56 for IPv6, as DNS Response Rate Limiting groups them.
+
+    Per address would be too fine: a forger can spread requests over a
+    victim's whole network (an IPv6 host often owns a /64 on its own) and
+    get a fresh burst for each address. String operations, not
+    :mod:`ipaddress`, because this runs for every datagram.
+    """
+    if ":" not in address:
+        return address.rpartition(".")[0]
+    # A link-local address comes with its scope ("fe80::1%eth0").
+    return socket.inet_pton(socket.AF_INET6, address.partition("%")[0])[:7].hex()
+
+
+def network_label(address: str) -> str:
+    """``address``'s network as :func:`source_network` counts it, readably
+    (``192.0.2.0/24``), for log lines."""
+    prefix = 24 if ":" not in address else 56
+    return str(ipaddress.ip_network(f"{address.partition('%')[0]}/{prefix}", strict=False))
 
 
 class Verdict(enum.Enum):

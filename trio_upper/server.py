@@ -30,7 +30,7 @@ from typing import Any, NamedTuple
 
 import trio
 
-from .errors import UserError, host_port
+from .errors import UserError, host_port, plural
 from .fastsocket import FastSocketListener
 from .ratelimit import DEFAULT_RATE, ReplyRateLimiter
 from .tcp import handle_stream
@@ -56,8 +56,9 @@ DEFAULT_PORT = 12000
 DEFAULT_GRACE = 5.0
 
 # Connections handled at once. Past it, new connections wait, unaccepted,
-# in the kernel's listen queue until one ends: back-pressure on clients, and
-# a bound on the server's memory and file descriptors.
+# in the kernel's listen queue until one ends (but for one per extra
+# listener: see _accept_loop): back-pressure on clients, and a bound on the
+# server's memory and file descriptors.
 DEFAULT_MAX_CONNECTIONS = 10_000
 
 # Seconds a connection may send nothing before the server closes it (the
@@ -97,7 +98,8 @@ class ServerConfig:
     udp: bool = True
     ascii_only: bool = False
     grace: float = DEFAULT_GRACE
-    # UDP replies per second per source address; 0 turns the limit off.
+    # UDP replies per second per source network (see ratelimit.source_network);
+    # 0 turns the limit off.
     udp_rate_limit: float = DEFAULT_RATE
     max_connections: int = DEFAULT_MAX_CONNECTIONS
     # 0 means never.
@@ -228,7 +230,7 @@ async def bind(
                 if exc.errno != errno.EADDRINUSE:
                     raise
         raise OSError(errno.EADDRINUSE, "no port was free on both TCP and UDP")
-    except socket.gaierror as exc:
+    except (socket.gaierror, UnicodeError) as exc:
         raise UserError.unresolvable(config.host, exc) from exc
     except OSError as exc:
         reason = exc.strerror or str(exc)
@@ -249,9 +251,12 @@ class UpperServer:
         self._accepting = trio.CancelScope()
         self._handlers = trio.CancelScope()
         self._not_accepting = trio.Event()
-        # A slot per connection, taken before accept(): shared by every
-        # listener (IPv4 and IPv6), released when a handler ends.
-        self._slots = trio.Semaphore(config.max_connections)
+        # Connection slots in use, shared by every listener (IPv4 and IPv6):
+        # taken when a connection is accepted, given back when its handler
+        # ends. _slot_freed is set (and replaced) when one frees up while all
+        # are taken, which is when accept loops wait on it.
+        self._in_use = 0
+        self._slot_freed = trio.Event()
         # When accepting is paused (slots or descriptors ran out), for one
         # log line per pause rather than one per attempt (see _pause).
         self._paused_since: float | None = None
@@ -378,53 +383,57 @@ class UpperServer:
         """
         async with listener:
             while True:
-                if self._slots.value == 0:
+                while self._full():
                     self._pause(
-                        f"{self._in_use()} connections open, the most --max-connections allows"
+                        f"{plural(self._in_use, 'connection')} open, "
+                        "the most --max-connections allows"
                     )
                     # Wait for a free slot without taking it: the accept
                     # below may wait a long time, and a slot held meanwhile
                     # would be lost to the other listeners (IPv4 and IPv6).
-                    async with self._slots:
-                        pass
+                    # Waking at the log interval lets _pause speak up.
+                    with trio.move_on_after(_PAUSE_LOG_INTERVAL):
+                        await self._slot_freed.wait()
                 try:
                     stream = await listener.accept()
                 except OSError as exc:
                     if exc.errno not in _ACCEPT_CAPACITY_ERRNOS:
                         raise
                     self._pause(
-                        f"cannot accept with {self._in_use()} connections open: "
+                        f"cannot accept with {plural(self._in_use, 'connection')} open: "
                         f"{exc.strerror or exc}"
                     )
                     await trio.sleep(_ACCEPT_RETRY)
                     continue
+                # Another listener may have taken the last slot while this
+                # one waited in accept(): then this connection, and no other,
+                # waits (unread, unanswered) for the next free slot.
                 try:
-                    self._slots.acquire_nowait()
-                except trio.WouldBlock:
-                    # Another listener took the last slot while this one
-                    # waited in accept(): this connection, and no other,
-                    # waits (unread, unanswered) for the next free slot.
-                    try:
-                        await self._slots.acquire()
-                    except BaseException:
-                        await trio.aclose_forcefully(stream)
-                        raise
+                    while self._full():
+                        await self._slot_freed.wait()
+                except BaseException:
+                    await trio.aclose_forcefully(stream)
+                    raise
+                self._in_use += 1
                 self._resume()
                 handlers.start_soon(self._handle, stream)
 
-    def _in_use(self) -> int:
-        return self.config.max_connections - self._slots.value
+    def _full(self) -> bool:
+        return self._in_use >= self.config.max_connections
 
     def _pause(self, why: str) -> None:
-        if self._paused_since is not None:
-            return
+        """Note that accepting waits; called again while the wait goes on."""
         now = trio.current_time()
-        self._paused_since = now
+        if self._paused_since is None:
+            self._paused_since = now
+            self._pause_logged = False
         # At the limit for good, every connection that ends lets exactly one
         # waiting connection in, and the next finds the server full again:
-        # one line for all of that, not two per connection.
-        self._pause_logged = now - self._last_pause_log >= _PAUSE_LOG_INTERVAL
-        if self._pause_logged:
+        # one line for all of that, not two per connection. A pause that
+        # began too soon after the last line is logged once it has lasted
+        # until the interval is up, so a long one is never left unsaid.
+        if not self._pause_logged and now - self._last_pause_log >= _PAUSE_LOG_INTERVAL:
+            self._pause_logged = True
             self._last_pause_log = now
             logger.warning("%s; new connections wait until one closes", why)
 
@@ -462,4 +471,7 @@ class UpperServer:
             )
         finally:
             self.stats.active -= 1
-            self._slots.release()
+            if self._full():
+                self._slot_freed.set()
+                self._slot_freed = trio.Event()
+            self._in_use -= 1

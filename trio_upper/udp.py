@@ -13,7 +13,7 @@ from typing import Any, NoReturn
 
 import trio
 
-from .ratelimit import ReplyRateLimiter, Verdict
+from .ratelimit import ReplyRateLimiter, Verdict, network_label, source_network
 from .transform import upper_ascii, upper_bytes
 
 __all__ = ["BATCH", "RECEIVE_SIZE", "UdpCounts", "max_payload", "reply_for", "serve_udp"]
@@ -96,8 +96,9 @@ async def serve_udp(
           Its family sets the reply size limit.
       ascii_only: Use the ``--ascii`` transform.
       limiter: If given, a request is answered only if the limiter allows a
-          reply to its source address; refusals are counted, and the first
-          of each run of refusals to one address is logged.
+          reply to its source's network (see
+          :func:`~trio_upper.ratelimit.source_network`); refusals are counted,
+          and the first of each run of refusals to one network is logged.
       counts: Incremented as datagrams come and go, for the server's summary.
 
     Resource handling:
@@ -164,7 +165,7 @@ def _answer_batch(
 
 
 def _allowed(limiter: ReplyRateLimiter, source: str, now: float, counts: UdpCounts) -> bool:
-    verdict = limiter.check(source, now)
+    verdict = limiter.check(source_network(source), now)
     if verdict is Verdict.ALLOW:
         return True
     counts.rate_limited += 1
@@ -172,7 +173,7 @@ def _allowed(limiter: ReplyRateLimiter, source: str, now: float, counts: UdpCoun
         logger.warning(
             "%s sends more than %g requests per second: not answering all of them "
             "(see --udp-rate-limit)",
-            source,
+            network_label(source),
             limiter.rate,
         )
     return False
