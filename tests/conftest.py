@@ -41,9 +41,9 @@ async def receive_until_eof(stream: trio.abc.ReceiveStream) -> bytes:
     return bytes(data)
 
 
-class MemoryListener(trio.abc.Listener[trio.abc.Stream]):
-    """A listener whose connections are in-memory stream pairs, so the whole
-    server (accept loop, handlers, shutdown) runs under the mock clock."""
+class ChannelListener(trio.abc.Listener[trio.abc.Stream]):
+    """A listener whose accept() takes the server's end of each connection
+    from a memory channel; subclasses' connect() methods put them there."""
 
     def __init__(self) -> None:
         self._send, self._receive = trio.open_memory_channel[trio.abc.Stream](0)
@@ -57,6 +57,11 @@ class MemoryListener(trio.abc.Listener[trio.abc.Stream]):
     async def aclose(self) -> None:
         self._receive.close()
         await trio.lowlevel.checkpoint()
+
+
+class MemoryListener(ChannelListener):
+    """A listener whose connections are in-memory stream pairs, so the whole
+    server (accept loop, handlers, shutdown) runs under the mock clock."""
 
     async def connect(self) -> trio.abc.HalfCloseableStream:
         """Open a connection to the server; raises BrokenResourceError once

@@ -48,7 +48,13 @@ from trio_upper.server import Endpoint, ServerConfig, UpperServer
 from trio_upper.tcp import handle_stream
 from trio_upper.transform import upper_bytes
 
-from .conftest import LoopbackServer, MemoryListener, receive_exactly, receive_until_eof
+from .conftest import (
+    ChannelListener,
+    LoopbackServer,
+    MemoryListener,
+    receive_exactly,
+    receive_until_eof,
+)
 
 T = TypeVar("T")
 P = ParamSpec("P")
@@ -289,22 +295,9 @@ class FaultyStream(trio.abc.HalfCloseableStream):
         await self.inner.aclose()
 
 
-class FaultyListener(trio.abc.Listener[trio.abc.Stream]):
+class FaultyListener(ChannelListener):
     """Like conftest's MemoryListener, but each connection is a pair of either
     kind, and the server gets a :class:`FaultyStream` the test keeps hold of."""
-
-    def __init__(self) -> None:
-        self._send, self._receive = trio.open_memory_channel[trio.abc.Stream](0)
-
-    async def accept(self) -> trio.abc.Stream:
-        try:
-            return await self._receive.receive()
-        except trio.EndOfChannel:
-            raise trio.ClosedResourceError from None
-
-    async def aclose(self) -> None:
-        self._receive.close()
-        await trio.lowlevel.checkpoint()
 
     async def connect(
         self,
