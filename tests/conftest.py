@@ -109,9 +109,9 @@ class ServerProcess:
     """``python -m trio_upper serve`` (or a lecture server) as a subprocess;
     learns its port from the line it prints when ready."""
 
-    def __init__(self, argv: list[str]) -> None:
+    def __init__(self, argv: list[str], env: dict[str, str] | None = None) -> None:
         self.proc = subprocess.Popen(
-            argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL
+            argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, env=env
         )
         assert self.proc.stdout is not None
         self.first_line = self.proc.stdout.readline().decode()

@@ -5,17 +5,21 @@ connection cannot starve the others."""
 from __future__ import annotations
 
 import contextlib
+import errno
+import os
 import socket
 import struct
 import threading
 from collections.abc import Iterator
 from functools import partial
+from typing import Any
 
 import pytest
 import trio
 import trio.testing
 
 from trio_upper.fastsocket import FastSocketListener, FastSocketStream
+from trio_upper.server import ServerConfig, bind
 
 from .conftest import LoopbackServer, receive_exactly
 
@@ -189,3 +193,102 @@ async def test_a_flooding_client_does_not_starve_another(loopback: LoopbackServe
                 assert flood.received - before < 32 * len(flood.CHUNK)
         # Still flooding: the server served both at once.
         assert not flood.sent_all.is_set()
+
+
+# --- trio's tolerance, kept ---------------------------------------------------------------
+
+
+class NoAcceptConnSocket(socket.socket):
+    """A listening socket as on macOS, which has no SO_ACCEPTCONN option."""
+
+    def getsockopt(self, level: int, option: int, *args: int) -> Any:
+        if (level, option) == (socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+            raise OSError(errno.ENOPROTOOPT, os.strerror(errno.ENOPROTOOPT))
+        return super().getsockopt(level, option, *args)
+
+
+async def test_listener_trusts_a_socket_whose_system_cannot_say_it_listens() -> None:
+    # trio.SocketListener does the same: refusing would make the server fail
+    # to start on macOS.
+    sock = NoAcceptConnSocket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen()
+    async with FastSocketListener(sock) as listener:
+        with socket.create_connection(sock.getsockname()) as client:
+            async with await listener.accept() as stream:
+                client.sendall(b"hi")
+                assert await receive_exactly(stream, 2) == b"hi"
+
+
+class NotASocketAnyMore(socket.socket):
+    """A socket whose every call fails as on Windows once it was closed under
+    us: ENOTSOCK (on Unix it is EBADF)."""
+
+    gone = False
+
+    def _check(self) -> None:
+        if self.gone:
+            raise OSError(errno.ENOTSOCK, os.strerror(errno.ENOTSOCK))
+
+    def recv(self, *args: Any) -> bytes:
+        self._check()
+        return super().recv(*args)
+
+    def send(self, *args: Any) -> int:
+        self._check()
+        return super().send(*args)
+
+    def accept(self) -> tuple[socket.socket, Any]:
+        self._check()
+        return super().accept()
+
+
+async def test_enotsock_means_closed_as_in_trio() -> None:
+    with _listening_socket() as listening:
+        client = NotASocketAnyMore()
+        client.connect(listening.getsockname())
+        peer, _ = listening.accept()
+    with peer:
+        stream = FastSocketStream(client)
+        client.gone = True
+        with pytest.raises(trio.ClosedResourceError):
+            await stream.receive_some()
+        with pytest.raises(trio.ClosedResourceError):
+            await stream.send_all(b"x")
+        await stream.aclose()
+    sock = NotASocketAnyMore()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen()
+    listener = FastSocketListener(sock)
+    sock.gone = True
+    with pytest.raises(trio.ClosedResourceError):
+        await listener.accept()
+    await listener.aclose()
+
+
+async def test_binding_leaks_no_listener_when_one_cannot_be_taken_over(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    made: list[trio.SocketListener] = []
+    open_tcp_listeners = trio.open_tcp_listeners
+
+    async def two_listeners(port: int, *, host: str | None = None) -> list[trio.SocketListener]:
+        # As for a host with an IPv4 and an IPv6 address.
+        for _ in range(2):
+            made.extend(await open_tcp_listeners(0, host="127.0.0.1"))
+        return made
+
+    real_from_trio = FastSocketListener.from_trio
+
+    def second_fails(listener: trio.SocketListener) -> FastSocketListener:
+        if listener is made[1]:
+            raise ValueError("cannot take this one over")
+        return real_from_trio(listener)
+
+    monkeypatch.setattr("trio_upper.server.trio.open_tcp_listeners", two_listeners)
+    monkeypatch.setattr(FastSocketListener, "from_trio", second_fails)
+    with pytest.raises(ValueError, match="cannot take this one over"):
+        await bind(ServerConfig(host="127.0.0.1", port=12000, udp=False))
+    assert len(made) == 2
+    # Every socket was closed: the one taken over and the one that was not.
+    assert [listener.socket.fileno() for listener in made] == [-1, -1]

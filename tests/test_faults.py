@@ -1300,7 +1300,13 @@ class XnuSocket(socket.socket):
     """A connected socket that follows the rule of macOS's kernel (xnu
     ``sosetsockopt``, also FreeBSD's and illumos'): once the connection is shut
     down both ways, as after a reset by the peer, ``setsockopt`` fails with
-    EINVAL. Linux has no such rule, so this simulates it."""
+    EINVAL. Linux has no such rule, so this simulates it.
+
+    It also reports TCP_NODELAY off, as a system that does not copy the
+    listening socket's options to accepted sockets would: otherwise the
+    listener, seeing them inherited as on Linux, would never call
+    ``setsockopt`` on an accepted socket, and this test would pass whatever
+    the server did with the error."""
 
     shut_down = False
 
@@ -1308,6 +1314,11 @@ class XnuSocket(socket.socket):
         if self.shut_down:
             raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
         super().setsockopt(*args)
+
+    def getsockopt(self, level: int, option: int, *args: int) -> Any:
+        if (level, option) == (socket.IPPROTO_TCP, socket.TCP_NODELAY):
+            return 0
+        return super().getsockopt(level, option, *args)
 
 
 class XnuListeningSocket(socket.socket):

@@ -13,12 +13,10 @@ anything took in real time.
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import errno
 import itertools
 import logging
-import math
 import os
 import re
 import resource
@@ -28,7 +26,7 @@ import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -54,6 +52,7 @@ from .conftest import (
     receive_until_eof,
     run_cli,
 )
+from .helpers import Listener, dial
 from .test_cli import entry_for, help_entries, usage_error_line
 
 HalfCloseable = trio.abc.HalfCloseableStream
@@ -77,11 +76,6 @@ PAUSED = "new connections wait until one closes"
 RESUMED = "accepting connections again"
 MAX_CONNECTIONS_PAUSE = " open, the most --max-connections allows; " + PAUSED
 
-# An accept loop that retries without waiting never lets the virtual clock
-# move: past this many accept() calls the test listener fails the test rather
-# than spin with it.
-MAX_ACCEPT_CALLS = 100_000
-
 # Text that grows, shrinks and breaks: "ΐ" comes back three times longer,
 # "ß" twice, invalid bytes unchanged.
 MIXED = "ΐ straße ŉ ".encode() + b"\xff plain ascii "
@@ -94,122 +88,6 @@ def request_for(n: int) -> bytes:
 
 
 # --- An in-memory server -----------------------------------------------------------------
-
-
-class Descriptor(HalfCloseable):
-    """The server's end of a connection, holding one of its listener's
-    descriptors until the server closes it."""
-
-    def __init__(self, inner: HalfCloseable, listener: Listener) -> None:
-        self.inner = inner
-        self.listener = listener
-        self.closed = False
-
-    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
-        return await self.inner.receive_some(max_bytes)
-
-    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        await self.inner.send_all(data)
-
-    async def wait_send_all_might_not_block(self) -> None:
-        await self.inner.wait_send_all_might_not_block()
-
-    async def send_eof(self) -> None:
-        await self.inner.send_eof()
-
-    async def aclose(self) -> None:
-        if not self.closed:
-            self.closed = True
-            assert self.listener.descriptors is not None
-            self.listener.descriptors += 1
-        await self.inner.aclose()
-
-
-@dataclass(eq=False)
-class Queued:
-    """A connection in a listener's accept queue."""
-
-    stream: HalfCloseable
-    taken: trio.Event = field(default_factory=trio.Event)
-    refused: bool = False
-
-
-class Listener(trio.abc.Listener[HalfCloseable]):
-    """Like conftest's MemoryListener, plus what these tests need: lockstep
-    connections, a count of accept() calls (a spinning accept loop fails the
-    test), and the errors of a listening socket out of resources.
-
-    It keeps an accept queue, as the kernel does, so that errors come when a
-    listening socket gives them: ``fail_with`` (an errno; None for none) makes
-    accept() fail whenever a connection waits, for as long as it is set.
-    ``descriptors`` (None for no limit) is a descriptor table: each accepted
-    connection takes one until the server closes it, and with none left
-    accept() fails with EMFILE whether or not a connection waits."""
-
-    def __init__(self, descriptors: int | None = None) -> None:
-        self._queue: collections.deque[Queued] = collections.deque()
-        self._arrival = trio.lowlevel.ParkingLot()
-        self._closed = False
-        self.accept_calls = 0
-        self.fail_with: int | None = None
-        self.descriptors = descriptors
-
-    async def accept(self) -> HalfCloseable:
-        self.accept_calls += 1
-        if self.accept_calls > MAX_ACCEPT_CALLS:
-            raise AssertionError(f"accept() called {self.accept_calls} times: the loop spins")
-        await trio.lowlevel.checkpoint()
-        while True:
-            if self._closed:
-                raise trio.ClosedResourceError("the listener was closed")
-            # Linux looks for a free descriptor before it looks at the queue.
-            if self.descriptors == 0:
-                raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
-            if self._queue:
-                if self.fail_with is not None:
-                    raise OSError(self.fail_with, os.strerror(self.fail_with))
-                break
-            await self._arrival.park()
-        queued = self._queue.popleft()
-        queued.taken.set()
-        if self.descriptors is None:
-            return queued.stream
-        self.descriptors -= 1
-        return Descriptor(queued.stream, self)
-
-    async def aclose(self) -> None:
-        # As closing a listening socket does: what waits in the queue is refused.
-        self._closed = True
-        for queued in self._queue:
-            queued.refused = True
-            queued.taken.set()
-        self._queue.clear()
-        self._arrival.unpark_all()
-        await trio.lowlevel.checkpoint()
-
-    async def connect(self, *, lockstep: bool = False) -> HalfCloseable:
-        """Open a connection; returns once the server has accepted it, raises
-        BrokenResourceError if the server stopped accepting first."""
-        client: HalfCloseable
-        server: HalfCloseable
-        if lockstep:
-            client, server = trio.testing.lockstep_stream_pair()
-        else:
-            client, server = trio.testing.memory_stream_pair()
-        if self._closed:
-            await trio.lowlevel.checkpoint()
-            raise trio.BrokenResourceError("connection refused")
-        queued = Queued(server)
-        self._queue.append(queued)
-        self._arrival.unpark_all()
-        try:
-            await queued.taken.wait()
-        finally:
-            if not queued.taken.is_set():  # cancelled: give up the place
-                self._queue.remove(queued)
-        if queued.refused:
-            raise trio.BrokenResourceError("connection refused")
-        return client
 
 
 @dataclass
@@ -239,35 +117,6 @@ async def serve_in_memory(
 
     await nursery.start(run)
     return InMemory(server, made, done)
-
-
-class Dialing:
-    """A connection attempt left running: ``accepted`` is set once the server
-    accepts it, at virtual time ``at``."""
-
-    def __init__(self) -> None:
-        self.accepted = trio.Event()
-        self.stream: HalfCloseable | None = None
-        self.at = math.nan
-
-    async def run(self, listener: Listener) -> None:
-        self.stream = await listener.connect()
-        self.at = trio.current_time()
-        self.accepted.set()
-
-    async def wait(self) -> HalfCloseable:
-        await self.accepted.wait()
-        assert self.stream is not None
-        return self.stream
-
-
-async def dial(nursery: trio.Nursery, listener: Listener) -> Dialing:
-    """Start a connection attempt; returns once it waits to be accepted (so
-    that attempts dialled one after another queue in that order)."""
-    dialing = Dialing()
-    nursery.start_soon(dialing.run, listener)
-    await trio.testing.wait_all_tasks_blocked()
-    return dialing
 
 
 async def exchange(stream: trio.abc.Stream, request: bytes) -> None:

@@ -1,22 +1,79 @@
-"""The UDP loop on its own: batches, the reply rate limit, and replies the
-kernel has no room for. Sockets are real (loopback, or Unix datagram
-sockets where a full queue must be forced), the loop runs in the test."""
+"""The UDP loop on its own: batches, the reply rate limit, replies the kernel
+has no room for, and errors from the socket.
+
+Most tests run the loop over FakeDatagramSocket (tests/helpers.py), in memory
+under the autojump clock, which fails the socket calls on demand; the rest
+use real sockets on loopback, with errors injected by a wrapper around the
+real socket.
+"""
 
 from __future__ import annotations
 
-import contextlib
+import errno
 import logging
+import os
 import socket
 from collections.abc import Iterator
 from functools import partial
-from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
 import trio.testing
 
 from trio_upper.ratelimit import ReplyRateLimiter
-from trio_upper.udp import BATCH, SEND_PATIENCE, UdpCounts, serve_udp
+from trio_upper.udp import BATCH, RECEIVE_RETRY, SEND_PATIENCE, UdpCounts, UdpSocket, serve_udp
+
+from .helpers import FakeDatagramSocket
+
+# Virtual seconds: only a deadlock gets this far, and then fails at once.
+HANG = 24 * 3600.0
+
+# Real seconds on loopback: a lost datagram fails the test instead of hanging
+# the run; never what a test checks.
+LOOPBACK_HANG = 30.0
+
+# The errors the loop must ride out: the kernel short of memory or buffers,
+# and "try again" where it should not come.
+TRANSIENT = [errno.ENOBUFS, errno.ENOMEM, errno.EAGAIN]
+
+# Errors one sender causes: an ICMP error for an earlier reply.
+FROM_A_PEER = [errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH]
+
+
+def warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+@pytest.fixture
+async def fake(nursery: trio.Nursery) -> tuple[FakeDatagramSocket, UdpCounts]:
+    """serve_udp running over a fake socket, and its counts."""
+    sock = FakeDatagramSocket()
+    counts = UdpCounts()
+    nursery.start_soon(partial(serve_udp, sock, counts=counts))
+    return sock, counts
+
+
+# --- Batches ------------------------------------------------------------------------------
+
+
+async def test_a_backlog_is_answered_in_order_one_wait_per_batch(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    count = 3 * BATCH + 5
+    sock = FakeDatagramSocket()
+    for n in range(count):
+        sock.deliver(b"datagram %d" % n)
+    counts = UdpCounts()
+    nursery.start_soon(partial(serve_udp, sock, counts=counts))
+    with trio.fail_after(HANG):
+        replies = await sock.replies(count)
+    assert replies == [b"DATAGRAM %d" % n for n in range(count)]
+    assert counts == UdpCounts(datagrams=count)
+    # One scheduler pass per batch, not per datagram: four batches, and the
+    # wait for more that follows them.
+    await trio.testing.wait_all_tasks_blocked()
+    assert sock.receive_waits == 4 + 1
 
 
 @pytest.fixture
@@ -34,25 +91,43 @@ def _client(source: str = "127.0.0.1") -> socket.socket:
 
 
 async def _replies(sock: socket.socket, count: int) -> list[bytes]:
-    """Read ``count`` datagrams (a lost one makes the test hang, never pass)."""
+    """Read ``count`` datagrams; a lost one fails the test at the hang guard."""
     tsock = trio.socket.from_stdlib_socket(sock)
-    return [await tsock.recv(70000) for _ in range(count)]
+    with trio.fail_after(LOOPBACK_HANG):
+        return [await tsock.recv(70000) for _ in range(count)]
 
 
-async def test_a_backlog_larger_than_a_batch_is_answered_in_full(
+def _room_for(sock: socket.socket, count: int) -> None:
+    """Make ``sock``'s receive buffer hold ``count`` small datagrams, or skip.
+
+    The kernel charges each datagram a whole buffer (about 1 KiB for a few
+    bytes of payload) and caps SO_RCVBUF at net.core.rmem_max: ask for what
+    is needed and check what was granted (Linux reports twice the request)."""
+    needed = count * 2048
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, needed)
+    granted = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+    if granted < needed:
+        pytest.skip(f"a receive buffer for {count} datagrams needs {needed} bytes: {granted}")
+
+
+async def test_a_backlog_larger_than_a_batch_is_answered_in_full_on_loopback(
     server_socket: socket.socket, nursery: trio.Nursery
 ) -> None:
-    count = 3 * BATCH + 5
+    count = 2 * BATCH + 5
     counts = UdpCounts()
+    _room_for(server_socket, count)
     with _client() as client:
-        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+        _room_for(client, count)
         # All queued before the loop first runs: it must drain them in batches.
         for n in range(count):
             client.sendto(b"datagram %d" % n, server_socket.getsockname())
-        nursery.start_soon(partial(serve_udp, server_socket, counts=counts))
+        nursery.start_soon(partial(serve_udp, UdpSocket(server_socket), counts=counts))
         replies = await _replies(client, count)
     assert replies == [b"DATAGRAM %d" % n for n in range(count)]
     assert counts == UdpCounts(datagrams=count)
+
+
+# --- The rate limit -----------------------------------------------------------------------
 
 
 async def test_rate_limit_answers_the_burst_then_refuses_and_logs_once(
@@ -63,7 +138,9 @@ async def test_rate_limit_answers_the_burst_then_refuses_and_logs_once(
 ) -> None:
     counts = UdpCounts()
     limiter = ReplyRateLimiter(rate=1, burst=5)
-    nursery.start_soon(partial(serve_udp, server_socket, limiter=limiter, counts=counts))
+    nursery.start_soon(
+        partial(serve_udp, UdpSocket(server_socket), limiter=limiter, counts=counts)
+    )
     # Any 127.x.y.z is loopback on Linux: 127.0.1.1 is another /24, the unit
     # the limit counts in.
     with _client() as flood, _client("127.0.1.1") as other:
@@ -82,51 +159,237 @@ async def test_rate_limit_answers_the_burst_then_refuses_and_logs_once(
         assert await _replies(flood, 2) == [b"LATER 0", b"LATER 1"]
         await trio.testing.wait_all_tasks_blocked()
     assert counts == UdpCounts(datagrams=24, rate_limited=16)
-    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     # One line for the whole run of refusals, not one per datagram: the
     # bucket has not been full since the first.
-    assert len(warnings) == 1
-    assert "127.0.0.0/24" in warnings[0].getMessage()
-    assert "--udp-rate-limit" in warnings[0].getMessage()
+    [warning] = warnings(caplog)
+    assert "127.0.0.0/24" in warning
+    assert "--udp-rate-limit" in warning
+
+
+# --- A full send buffer -------------------------------------------------------------------
 
 
 async def test_a_reply_with_no_room_waits_then_is_dropped_and_counted(
-    tmp_path: Path,
-    nursery: trio.Nursery,
+    fake: tuple[FakeDatagramSocket, UdpCounts],
     autojump_clock: trio.testing.MockClock,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    # Unix datagram sockets report a full queue at the receiver as EAGAIN to
-    # the sender, which UDP over loopback never does reliably.
-    with (
-        socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as server,
-        socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as client,
-    ):
-        server.bind(str(tmp_path / "server"))
-        client.bind(str(tmp_path / "client"))
-        client.setblocking(False)
-        counts = UdpCounts()
-        nursery.start_soon(partial(serve_udp, server, counts=counts))
-        # The client never reads: its queue fills (10 datagrams by default)
-        # and then the server's reply has no room. It waits, and meanwhile
-        # later requests queue up at the server.
-        sent = 0
-        with contextlib.suppress(BlockingIOError):
-            for _ in range(15):
-                client.sendto(b"x", str(tmp_path / "server"))
-                sent += 1
-                await trio.testing.wait_all_tasks_blocked()
-        # Time passes: each waiting reply is dropped after SEND_PATIENCE.
-        await trio.sleep(sent * SEND_PATIENCE)
-        queued = []
-        with contextlib.suppress(BlockingIOError):
-            while True:
-                queued.append(client.recv(100))
-        assert queued == [b"X"] * len(queued)
-        assert counts.datagrams == sent
-        assert counts.dropped == sent - len(queued) > 0
-        # With room again, the server answers at once.
-        client.sendto(b"again", str(tmp_path / "server"))
+    sock, counts = fake
+    with trio.fail_after(HANG):
+        sock.room = False
+        sock.deliver(b"first")
+        sock.deliver(b"second")
+        await trio.sleep(SEND_PATIENCE / 2)
+        # The first reply waits for room; the second request waits behind it.
+        assert counts == UdpCounts(datagrams=1)
+        await trio.sleep(SEND_PATIENCE)
+        # The first was dropped; the second now waits in its turn.
+        assert counts == UdpCounts(datagrams=2, dropped=1)
+        sock.make_room()
+        assert await sock.replies(1) == [b"SECOND"]
+    assert counts == UdpCounts(datagrams=2, dropped=1)
+    [warning] = warnings(caplog)
+    assert f"dropped: no room to send it for {SEND_PATIENCE:g} s" in warning
+
+
+async def test_room_within_the_patience_sends_the_waiting_reply(
+    fake: tuple[FakeDatagramSocket, UdpCounts], autojump_clock: trio.testing.MockClock
+) -> None:
+    sock, counts = fake
+    with trio.fail_after(HANG):
+        sock.room = False
+        sock.deliver(b"patient")
+        await trio.sleep(SEND_PATIENCE / 2)
+        sock.make_room()
+        assert await sock.replies(1) == [b"PATIENT"]
+    assert counts == UdpCounts(datagrams=1)
+
+
+# --- Errors from the socket -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("error", TRANSIENT, ids=errno.errorcode.get)
+async def test_receive_errors_are_waited_out_logged_once_and_cost_no_datagram(
+    error: int,
+    fake: tuple[FakeDatagramSocket, UdpCounts],
+    autojump_clock: trio.testing.MockClock,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    sock, counts = fake
+    with trio.fail_after(HANG):
+        sock.deliver(b"before")
+        assert await sock.replies(1) == [b"BEFORE"]
+        failed_at = trio.current_time()
+        for _ in range(50):
+            sock.fail_receive(error)
+        sock.deliver(b"after")
+        assert await sock.replies(2) == [b"BEFORE", b"AFTER"]
+        # Each failure waited RECEIVE_RETRY before the next try: no spinning.
+        assert trio.current_time() - failed_at == pytest.approx(50 * RECEIVE_RETRY)
+    assert counts == UdpCounts(datagrams=2)
+    assert warnings(caplog) == [
+        f"udp 192.0.2.1:12000: cannot receive: {os.strerror(error)}; "
+        f"retrying every {RECEIVE_RETRY:g} s",
+        "udp 192.0.2.1:12000: receiving again, after 5.0 s",
+    ]
+
+
+@pytest.mark.parametrize("error", FROM_A_PEER, ids=errno.errorcode.get)
+async def test_an_icmp_error_on_receive_is_skipped_quietly(
+    error: int,
+    fake: tuple[FakeDatagramSocket, UdpCounts],
+    autojump_clock: trio.testing.MockClock,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    sock, counts = fake
+    with trio.fail_after(HANG):
+        sock.deliver(b"one")
+        sock.fail_receive(error)  # in the middle of a batch
+        sock.deliver(b"two")
+        assert await sock.replies(2) == [b"ONE", b"TWO"]
+        sock.fail_receive(error)  # while the loop waits
+        sock.deliver(b"three")
+        assert await sock.replies(3) == [b"ONE", b"TWO", b"THREE"]
+    assert counts == UdpCounts(datagrams=3)
+    assert warnings(caplog) == []
+
+
+@pytest.mark.parametrize("error", [errno.ENOBUFS, errno.ENOMEM], ids=errno.errorcode.get)
+async def test_send_errors_drop_that_reply_only_and_are_logged_once_per_run(
+    error: int,
+    fake: tuple[FakeDatagramSocket, UdpCounts],
+    autojump_clock: trio.testing.MockClock,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    sock, counts = fake
+    with trio.fail_after(HANG):
+        for _ in range(3):
+            sock.send_errors.append(OSError(error, os.strerror(error)))
+        for n in range(5):
+            sock.deliver(b"request %d" % n)
+        assert await sock.replies(2) == [b"REQUEST 3", b"REQUEST 4"]
+    assert counts == UdpCounts(datagrams=5, dropped=3)
+    assert warnings(caplog) == [
+        f"udp 192.0.2.1:12000: cannot send replies: {os.strerror(error)}; dropping them",
+        "udp 192.0.2.1:12000: sending replies again, after 0.0 s",
+    ]
+
+
+async def test_a_send_error_while_waiting_for_room_drops_that_reply_only(
+    fake: tuple[FakeDatagramSocket, UdpCounts], autojump_clock: trio.testing.MockClock
+) -> None:
+    sock, counts = fake
+    with trio.fail_after(HANG):
+        sock.room = False
+        sock.deliver(b"unlucky")
         await trio.testing.wait_all_tasks_blocked()
-        assert client.recv(100) == b"AGAIN"
-    assert any("dropped" in r.getMessage() for r in caplog.records)
+        sock.send_errors.append(OSError(errno.EHOSTUNREACH, os.strerror(errno.EHOSTUNREACH)))
+        sock.make_room()
+        sock.deliver(b"lucky")
+        assert await sock.replies(1) == [b"LUCKY"]
+    assert counts == UdpCounts(datagrams=2, dropped=1)
+
+
+@pytest.mark.parametrize("error", [errno.EBADF, errno.ENOTSOCK], ids=errno.errorcode.get)
+async def test_a_socket_that_is_gone_ends_the_loop(
+    error: int, autojump_clock: trio.testing.MockClock
+) -> None:
+    sock = FakeDatagramSocket()
+    sock.fail_receive(error)
+    with pytest.raises(OSError, match=os.strerror(error)) as raised:
+        await serve_udp(sock)
+    assert raised.value.errno == error
+
+
+async def test_a_closed_trio_socket_ends_the_loop() -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as raw:
+        raw.bind(("127.0.0.1", 0))
+        sock = UdpSocket(raw)
+        ended: list[trio.ClosedResourceError] = []
+
+        async def serve() -> None:
+            try:
+                await serve_udp(sock)
+            except trio.ClosedResourceError as exc:
+                ended.append(exc)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(serve)
+            await trio.testing.wait_all_tasks_blocked()
+            sock.close()
+    assert len(ended) == 1
+
+
+# --- Errors injected into a real socket ---------------------------------------------------
+
+
+class InjectingUdpSocket(UdpSocket):
+    """A real UDP socket whose calls fail, in turn, with the errors given,
+    then work: a fault before the kernel is asked, so no datagram is lost to
+    it (a failed receive leaves the datagram queued)."""
+
+    def __init__(self, sock: socket.socket, receive_errors: list[int], send_errors: list[int]):
+        super().__init__(sock)
+        self.receive_errors = list(receive_errors)
+        self.send_errors = list(send_errors)
+        real_recvfrom, real_sendto = self.recvfrom_nowait, self.sendto_nowait
+
+        def recvfrom_nowait() -> tuple[bytes, Any]:
+            self._maybe_fail(self.receive_errors)
+            return real_recvfrom()
+
+        def sendto_nowait(data: bytes, address: Any, /) -> object:
+            self._maybe_fail(self.send_errors)
+            return real_sendto(data, address)
+
+        self.recvfrom_nowait = recvfrom_nowait
+        self.sendto_nowait = sendto_nowait
+
+    @staticmethod
+    def _maybe_fail(errors: list[int]) -> None:
+        if errors:
+            error = errors.pop(0)
+            raise OSError(error, os.strerror(error))
+
+    async def recvfrom(self) -> tuple[bytes, Any]:
+        await trio.lowlevel.checkpoint()
+        self._maybe_fail(self.receive_errors)
+        return await super().recvfrom()
+
+
+async def test_loopback_errors_on_every_call_cost_no_reply_that_a_retry_cannot_get(
+    server_socket: socket.socket, nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
+) -> None:
+    errors = [errno.ENOBUFS, errno.ENOMEM, errno.EAGAIN, errno.ECONNREFUSED] * 2
+    sock = InjectingUdpSocket(server_socket, receive_errors=errors, send_errors=errors)
+    counts = UdpCounts()
+    nursery.start_soon(partial(serve_udp, sock, counts=counts))
+    sends = 0
+    expected = [f"REQUEST {n}: STRASSE".encode() for n in range(40)]
+    with _client() as raw, trio.socket.from_stdlib_socket(raw) as client:
+        await client.connect(server_socket.getsockname())
+        with trio.fail_after(LOOPBACK_HANG):
+            for n in range(40):
+                request = f"request {n}: straße".encode()
+                reply = b""
+                # As the UDP client does: a lost reply is asked for again,
+                # and a late reply to an earlier request is not this one's.
+                while reply != expected[n]:
+                    await client.send(request)
+                    sends += 1
+                    with trio.move_on_after(0.1):
+                        reply = await client.recv(1000)
+                        while reply != expected[n]:
+                            assert reply in expected[:n], reply
+                            reply = await client.recv(1000)
+    assert sock.receive_errors == sock.send_errors == []
+    # A send error costs that one reply (but EAGAIN, which waits for room).
+    assert counts.dropped == len(errors) - errors.count(errno.EAGAIN)
+    # Each request was answered, each lost reply was received: no datagram
+    # was lost to a receive error. (A resent request may still be on its way.)
+    assert 40 + counts.dropped <= counts.datagrams <= sends
+    # One line for each run, and a run within a few seconds of the last is
+    # not logged again: the first of each kind.
+    lines = warnings(caplog)
+    assert any("cannot receive: No buffer space available" in line for line in lines), lines
+    assert any("cannot send replies: No buffer space available" in line for line in lines)

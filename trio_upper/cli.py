@@ -321,7 +321,7 @@ async def _serve(args: argparse.Namespace) -> None:
     if stats.udp.rate_limited:
         summary += f"; {plural(stats.udp.rate_limited, 'datagram')} not answered (rate limit)"
     if stats.udp.dropped:
-        summary += f"; {plural(stats.udp.dropped, 'reply', 'replies')} dropped (send buffer full)"
+        summary += f"; {plural(stats.udp.dropped, 'reply', 'replies')} not sent (see the log)"
     _say(args, summary + ".")
 
 

@@ -92,9 +92,15 @@ def _has_tcp_options(sock: socket.socket) -> bool:
     return True
 
 
+# The errors that mean the socket itself is gone (closed under us): EBADF on
+# Unix, ENOTSOCK on Windows. trio.SocketStream and trio.SocketListener treat
+# them as ClosedResourceError; so do we.
+_CLOSED_ERRNOS = frozenset({errno.EBADF, errno.ENOTSOCK})
+
+
 def _stream_error(exc: OSError) -> Exception:
     """The stream exception for a socket error, as trio.SocketStream maps them."""
-    if exc.errno == errno.EBADF:
+    if exc.errno in _CLOSED_ERRNOS:
         return trio.ClosedResourceError("this socket was already closed")
     return trio.BrokenResourceError(f"socket connection broken: {exc}")
 
@@ -266,8 +272,14 @@ class FastSocketListener(trio.abc.Listener[FastSocketStream]):
     def __init__(self, sock: socket.socket) -> None:
         if sock.type != socket.SOCK_STREAM:
             raise ValueError("FastSocketListener requires a SOCK_STREAM socket")
-        if not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
-            raise ValueError("FastSocketListener requires a listening socket")
+        try:
+            listening = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+        except OSError:
+            # macOS has no SO_ACCEPTCONN: trust the caller, as trio does.
+            pass
+        else:
+            if not listening:
+                raise ValueError("FastSocketListener requires a listening socket")
         sock.setblocking(False)
         # Set here, the options reach every connection for free where the
         # system copies them to accepted sockets (Linux and the BSDs do).
@@ -284,7 +296,11 @@ class FastSocketListener(trio.abc.Listener[FastSocketStream]):
         used afterwards."""
         trio_sock = listener.socket
         sock = socket.socket(trio_sock.family, trio_sock.type, trio_sock.proto, trio_sock.detach())
-        return cls(sock)
+        try:
+            return cls(sock)
+        except BaseException:
+            sock.close()
+            raise
 
     async def accept(self) -> FastSocketStream:
         """Wait for a connection and return it. A checkpoint.
@@ -304,7 +320,7 @@ class FastSocketListener(trio.abc.Listener[FastSocketStream]):
             except BlockingIOError:
                 await wait_readable(self.socket)
             except OSError as exc:
-                if exc.errno == errno.EBADF:
+                if exc.errno in _CLOSED_ERRNOS:
                     raise trio.ClosedResourceError("this listener was closed") from None
                 if exc.errno not in _IGNORABLE_ACCEPT_ERRNOS:
                     raise

@@ -4,10 +4,11 @@ The task tree, from the top::
 
     UpperServer.serve
     └── handler scope (deadline set at shutdown: the grace period)
-        └── handlers nursery: one handle_stream task per TCP connection
+        └── handlers nursery: one _handle task per TCP connection
             └── accepting scope (cancelled at shutdown: stop accepting at once)
                 └── accepting nursery
-                    ├── _accept_loop, one per listener: accepts, starts handlers above
+                    ├── trio.serve_listeners(_handle, CapacityListeners,
+                    │                        handler_nursery=handlers nursery)
                     └── serve_udp, one per bound UDP socket
 
 Shutdown is nothing but cancellation: :meth:`UpperServer.shutdown` cancels the
@@ -30,11 +31,12 @@ from typing import Any, NamedTuple
 
 import trio
 
-from .errors import UserError, host_port, plural
+from .capacity import CapacityListener, ConnectionSlots
+from .errors import UserError, host_port
 from .fastsocket import FastSocketListener
 from .ratelimit import DEFAULT_RATE, ReplyRateLimiter
-from .tcp import handle_stream
-from .udp import UdpCounts, serve_udp
+from .tcp import handle_stream, socket_of
+from .udp import DatagramSocket, UdpCounts, UdpSocket, serve_udp
 
 __all__ = [
     "DEFAULT_GRACE",
@@ -57,7 +59,7 @@ DEFAULT_GRACE = 5.0
 
 # Connections handled at once. Past it, new connections wait, unaccepted,
 # in the kernel's listen queue until one ends (but for one per extra
-# listener: see _accept_loop): back-pressure on clients, and a bound on the
+# listener: see capacity.py): back-pressure on clients, and a bound on the
 # server's memory and file descriptors.
 DEFAULT_MAX_CONNECTIONS = 10_000
 
@@ -65,17 +67,6 @@ DEFAULT_MAX_CONNECTIONS = 10_000
 # slow-loris defence). Long enough for a person at the interactive client to
 # stop and think; 0 turns it off.
 DEFAULT_IDLE_TIMEOUT = 300.0
-
-# accept() errors that mean "out of something" (descriptors, kernel memory),
-# not "this listener is broken": wait a little, then accept again, as
-# trio.serve_listeners does. The wait is short because a connection ending
-# frees a descriptor at once.
-_ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
-_ACCEPT_RETRY = 0.1
-
-# Under sustained overload accepting pauses and resumes once per connection;
-# a new pause is logged (with its resumption) at most this often.
-_PAUSE_LOG_INTERVAL = 10.0
 
 # With --port 0 the OS picks a free TCP port, and UDP (and the other address
 # family) must then bind that same number. Something else may hold it on UDP,
@@ -132,17 +123,18 @@ def _endpoint(protocol: str, sockaddr: tuple[Any, ...]) -> Endpoint:
 
 
 def _listener_endpoint(listener: _TcpListener) -> Endpoint:
-    if isinstance(listener, (trio.SocketListener, FastSocketListener)):
-        return _endpoint("tcp", listener.socket.getsockname())
-    # A listener with no socket (the tests' in-memory one).
-    return Endpoint("tcp", f"<{type(listener).__name__}>", 0)
+    sock = socket_of(listener)
+    if sock is None:
+        # A listener with no socket (the tests' in-memory one).
+        return Endpoint("tcp", f"<{type(listener).__name__}>", 0)
+    return _endpoint("tcp", sock.getsockname())
 
 
 def _where(host: str | None, port: int) -> str:
     return f"{host or 'all interfaces'} port {port}"
 
 
-async def _bind_udp(host: str | None, port: int) -> list[socket.socket]:
+async def _bind_udp(host: str | None, port: int) -> list[UdpSocket]:
     """Bind a UDP socket on every address ``host`` resolves to, as
     :func:`trio.open_tcp_listeners` does for TCP (same families, same rules)."""
     addresses = await trio.socket.getaddrinfo(
@@ -171,18 +163,28 @@ async def _bind_udp(host: str | None, port: int) -> list[socket.socket]:
         raise
     if not sockets:
         raise OSError(errno.EAFNOSUPPORT, "no usable address family")
-    return sockets
+    return [UdpSocket(sock) for sock in sockets]
 
 
-async def _bind_at(
-    config: ServerConfig, port: int
-) -> tuple[list[_TcpListener], list[socket.socket]]:
+async def _take_over(bound: list[trio.SocketListener]) -> list[_TcpListener]:
+    """The listeners trio bound, as FastSocketListeners, whose streams cost
+    less per call; if one cannot be taken over, every one is closed."""
+    taken: list[_TcpListener] = []
+    try:
+        for listener in bound:
+            taken.append(FastSocketListener.from_trio(listener))
+    except BaseException:
+        for closing in [*taken, *bound[len(taken) :]]:
+            await trio.aclose_forcefully(closing)
+        raise
+    return taken
+
+
+async def _bind_at(config: ServerConfig, port: int) -> tuple[list[_TcpListener], list[UdpSocket]]:
     listeners: list[_TcpListener] = []
     if config.tcp:
-        # trio resolves, binds and listens; the sockets then serve as
-        # FastSocketListener, whose streams cost less per call.
-        bound = await trio.open_tcp_listeners(port, host=config.host)
-        listeners.extend(FastSocketListener.from_trio(listener) for listener in bound)
+        # trio resolves, binds and listens.
+        listeners = await _take_over(await trio.open_tcp_listeners(port, host=config.host))
     try:
         udp_sockets = await _bind_udp(config.host, port) if config.udp else []
     except BaseException:
@@ -202,7 +204,7 @@ async def _free_port(host: str | None) -> int:
 
 async def bind(
     config: ServerConfig,
-) -> tuple[list[_TcpListener], list[socket.socket]]:
+) -> tuple[list[_TcpListener], list[UdpSocket]]:
     """Bind everything ``config`` asks for, all on one port number.
 
     This is the first half of :func:`trio.serve_tcp` (its
@@ -251,17 +253,6 @@ class UpperServer:
         self._accepting = trio.CancelScope()
         self._handlers = trio.CancelScope()
         self._not_accepting = trio.Event()
-        # Connection slots in use, shared by every listener (IPv4 and IPv6):
-        # taken when a connection is accepted, given back when its handler
-        # ends. _slot_freed is set (and replaced) when one frees up while all
-        # are taken, which is when accept loops wait on it.
-        self._in_use = 0
-        self._slot_freed = trio.Event()
-        # When accepting is paused (slots or descriptors ran out), for one
-        # log line per pause rather than one per attempt (see _pause).
-        self._paused_since: float | None = None
-        self._pause_logged = False
-        self._last_pause_log = -math.inf
         # One limiter for every UDP socket: a source is one source whichever
         # of our addresses it writes to.
         self._limiter = (
@@ -285,16 +276,18 @@ class UpperServer:
     async def serve(
         self,
         listeners: Sequence[_TcpListener],
-        udp_sockets: Sequence[socket.socket],
+        udp_sockets: Sequence[DatagramSocket],
         *,
         task_status: trio.TaskStatus[list[Endpoint]] = trio.TASK_STATUS_IGNORED,
     ) -> ServerStats:
         """Serve on already-bound listeners and UDP sockets until shut down.
 
-        This is the second half of :func:`trio.serve_tcp` (its
-        :func:`trio.serve_listeners`, here :meth:`_accept_loop`, with a handler
-        nursery of our own so that connections outlive the accept loop by the
-        grace period) plus one
+        This is the second half of :func:`trio.serve_tcp`:
+        :func:`trio.serve_listeners`, with :meth:`_handle` for each
+        connection, a handler nursery of our own so that connections outlive
+        accepting by the grace period, and each listener wrapped in a
+        :class:`~trio_upper.capacity.CapacityListener` for
+        ``--max-connections``. Beside it, one
         :func:`~trio_upper.udp.serve_udp` loop per UDP socket. Any
         :class:`trio.abc.Listener` works, which is how the tests drive it over
         in-memory streams.
@@ -321,7 +314,7 @@ class UpperServer:
     async def _accept(
         self,
         listeners: Sequence[_TcpListener],
-        udp_sockets: Sequence[socket.socket],
+        udp_sockets: Sequence[DatagramSocket],
         handlers: trio.Nursery,
         task_status: trio.TaskStatus[list[Endpoint]],
     ) -> None:
@@ -330,12 +323,19 @@ class UpperServer:
         listener and UDP socket."""
         served = [_listener_endpoint(listener) for listener in listeners]
         served += [_endpoint("udp", sock.getsockname()) for sock in udp_sockets]
+        slots = ConnectionSlots(self.config.max_connections)
+        capped = [CapacityListener(listener, slots) for listener in listeners]
         with self._accepting, contextlib.ExitStack() as udp_closer:
             for sock in udp_sockets:
-                udp_closer.enter_context(sock)
+                udp_closer.callback(sock.close)
             async with trio.open_nursery() as accepting:
-                for listener in listeners:
-                    accepting.start_soon(self._accept_loop, listener, handlers)
+                if capped:
+                    # serve_listeners closes the listeners when cancelled.
+                    await accepting.start(
+                        partial(
+                            trio.serve_listeners, self._handle, capped, handler_nursery=handlers
+                        )
+                    )
                 for sock in udp_sockets:
                     accepting.start_soon(
                         partial(
@@ -372,84 +372,11 @@ class UpperServer:
         """True once :meth:`shutdown` has been called."""
         return self._accepting.cancel_called
 
-    async def _accept_loop(self, listener: _TcpListener, handlers: trio.Nursery) -> None:
-        """Accept connections from ``listener`` while a slot is free and start
-        a handler in ``handlers`` for each; close ``listener`` when cancelled.
-
-        This is trio.serve_listeners' loop with two additions: it accepts
-        only while a connection slot (``--max-connections``) is free, and it
-        logs running out of slots or descriptors once per episode, not once
-        per attempt.
-        """
-        async with listener:
-            while True:
-                while self._full():
-                    self._pause(
-                        f"{plural(self._in_use, 'connection')} open, "
-                        "the most --max-connections allows"
-                    )
-                    # Wait for a free slot without taking it: the accept
-                    # below may wait a long time, and a slot held meanwhile
-                    # would be lost to the other listeners (IPv4 and IPv6).
-                    # Waking at the log interval lets _pause speak up.
-                    with trio.move_on_after(_PAUSE_LOG_INTERVAL):
-                        await self._slot_freed.wait()
-                try:
-                    stream = await listener.accept()
-                except OSError as exc:
-                    if exc.errno not in _ACCEPT_CAPACITY_ERRNOS:
-                        raise
-                    self._pause(
-                        f"cannot accept with {plural(self._in_use, 'connection')} open: "
-                        f"{exc.strerror or exc}"
-                    )
-                    await trio.sleep(_ACCEPT_RETRY)
-                    continue
-                # Another listener may have taken the last slot while this
-                # one waited in accept(): then this connection, and no other,
-                # waits (unread, unanswered) for the next free slot.
-                try:
-                    while self._full():
-                        await self._slot_freed.wait()
-                except BaseException:
-                    await trio.aclose_forcefully(stream)
-                    raise
-                self._in_use += 1
-                self._resume()
-                handlers.start_soon(self._handle, stream)
-
-    def _full(self) -> bool:
-        return self._in_use >= self.config.max_connections
-
-    def _pause(self, why: str) -> None:
-        """Note that accepting waits; called again while the wait goes on."""
-        now = trio.current_time()
-        if self._paused_since is None:
-            self._paused_since = now
-            self._pause_logged = False
-        # At the limit for good, every connection that ends lets exactly one
-        # waiting connection in, and the next finds the server full again:
-        # one line for all of that, not two per connection. A pause that
-        # began too soon after the last line is logged once it has lasted
-        # until the interval is up, so a long one is never left unsaid.
-        if not self._pause_logged and now - self._last_pause_log >= _PAUSE_LOG_INTERVAL:
-            self._pause_logged = True
-            self._last_pause_log = now
-            logger.warning("%s; new connections wait until one closes", why)
-
-    def _resume(self) -> None:
-        if self._paused_since is None:
-            return
-        if self._pause_logged:
-            logger.warning(
-                "accepting connections again, after %.1f s",
-                trio.current_time() - self._paused_since,
-            )
-        self._paused_since = None
-
     async def _handle(self, stream: trio.abc.Stream) -> None:
-        # Everything that can go wrong with one connection stops here: an
-        # exception escaping a handler would crash the whole server.
+        """The per-connection handler that serve_listeners runs: it contains
+        everything that can go wrong with one connection, because an
+        exception escaping it would crash the whole server. serve_listeners
+        closes ``stream`` (and so frees its slot) when this returns."""
         self.stats.connections += 1
         self.stats.active += 1
         try:
@@ -471,7 +398,3 @@ class UpperServer:
             )
         finally:
             self.stats.active -= 1
-            if self._full():
-                self._slot_freed.set()
-                self._slot_freed = trio.Event()
-            self._in_use -= 1

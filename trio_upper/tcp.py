@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import logging
 import math
+from typing import Any, Protocol
 
 import trio
 
 from .errors import host_port
-from .fastsocket import FastSocketStream
 from .transform import Uppercaser
 
-__all__ = ["describe_peer", "handle_stream"]
+__all__ = ["describe_peer", "handle_stream", "socket_of"]
 
 logger = logging.getLogger("trio_upper.tcp")
 
@@ -35,15 +35,47 @@ RECEIVE_SIZE = 65536
 _IDLE_SLACK = 0.125
 
 
+class SocketLike(Protocol):
+    """What the server asks of the socket beneath a stream or a listener:
+    its addresses. A :mod:`socket` socket and a :mod:`trio.socket` socket
+    both have them."""
+
+    def getsockname(self) -> Any: ...
+    def getpeername(self) -> Any: ...
+
+
+def socket_of(resource: object) -> SocketLike | None:
+    """The socket beneath a stream or listener, through any wrappers; None
+    if there is none (an in-memory stream).
+
+    This follows trio's conventions, so it works for trio's classes, ours
+    and any written the same way: a socket stream or listener has a
+    ``socket`` attribute (:class:`trio.SocketStream`,
+    :class:`~trio_upper.fastsocket.FastSocketStream` and their listeners),
+    and a wrapper names what it wraps ``transport_stream`` or
+    ``transport_listener`` (:class:`trio.SSLStream`, :class:`trio.SSLListener`,
+    :class:`~trio_upper.capacity.SlotStream`).
+    """
+    while resource is not None:
+        sock: SocketLike | None = getattr(resource, "socket", None)
+        if sock is not None:
+            return sock
+        resource = getattr(resource, "transport_stream", None) or getattr(
+            resource, "transport_listener", None
+        )
+    return None
+
+
 def describe_peer(stream: trio.abc.Stream) -> str:
     """A short name for the other end of ``stream``, for log lines."""
-    if isinstance(stream, (trio.SocketStream, FastSocketStream)):
-        try:
-            peer = stream.socket.getpeername()
-        except OSError:
-            return "<disconnected peer>"
-        return host_port(peer[0], peer[1])
-    return f"<{type(stream).__name__}>"
+    sock = socket_of(stream)
+    if sock is None:
+        return f"<{type(stream).__name__}>"
+    try:
+        peer = sock.getpeername()
+    except OSError:
+        return "<disconnected peer>"
+    return host_port(peer[0], peer[1])
 
 
 async def handle_stream(

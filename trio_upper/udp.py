@@ -1,4 +1,4 @@
-"""The UDP side of the server: a receive loop on one UDP socket.
+"""The UDP side of the server: a receive loop on one trio UDP socket.
 
 Each datagram is a complete message: its uppercase goes back to its sender as
 one datagram. There is no connection and no state between datagrams.
@@ -6,17 +6,30 @@ one datagram. There is no connection and no state between datagrams.
 
 from __future__ import annotations
 
+import errno
 import logging
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, NoReturn
+from functools import partial
+from typing import Any, NoReturn, Protocol
 
 import trio
 
+from .errors import Episode, host_port
 from .ratelimit import ReplyRateLimiter, Verdict, network_label, source_network
 from .transform import upper_ascii, upper_bytes
 
-__all__ = ["BATCH", "RECEIVE_SIZE", "UdpCounts", "max_payload", "reply_for", "serve_udp"]
+__all__ = [
+    "BATCH",
+    "RECEIVE_SIZE",
+    "DatagramSocket",
+    "UdpCounts",
+    "UdpSocket",
+    "max_payload",
+    "reply_for",
+    "serve_udp",
+]
 
 logger = logging.getLogger("trio_upper.udp")
 
@@ -30,17 +43,37 @@ MAX_PAYLOAD_IPV6 = 65_527
 # One byte more than any datagram can hold, so a read never truncates.
 RECEIVE_SIZE = 65_536
 
-# Datagrams answered per wake-up before a schedule point. Waking the task
-# costs more than answering a datagram, so answering the whole backlog per
-# wake-up is what makes a busy UDP server cheap; the cap keeps TCP
-# connections from waiting behind a flood of datagrams.
+# Datagrams answered per pass through trio's scheduler. A pass costs more
+# than answering a datagram, so answering the backlog that one wait uncovers
+# is what makes a busy UDP server cheap; the cap keeps TCP connections from
+# waiting behind a flood of datagrams.
 BATCH = 64
 
 # How long a reply may wait for room in the kernel's send buffer. The buffer
 # drains at network speed, so a full one that stays full this long means the
 # path is jammed; receiving pauses while a reply waits, so the wait is short.
 SEND_PATIENCE = 1.0
-_RETRY_INTERVAL = 0.01
+
+# After a receive error that is not the peer's doing (ENOBUFS, ENOMEM, ...),
+# how long to wait before receiving again: the kernel needs a moment to
+# recover, and retrying at once would spin. trio.serve_listeners waits as
+# long after accept() runs out of resources.
+RECEIVE_RETRY = 0.1
+
+# The errors that mean the socket itself is gone (closed under us). Only
+# these end the loop; every other error is ridden out.
+_SOCKET_GONE_ERRNOS = frozenset({errno.EBADF, errno.ENOTSOCK})
+
+# Errors that one datagram's sender causes: an ICMP error for an earlier
+# reply, which some systems report on a later receive or send (Linux on a
+# connected socket, Windows on any), or an address no reply can go to. They
+# concern that one sender; the loop drops the datagram and goes on, at debug
+# level. ConnectionError (refused, reset) is one of them too.
+_PEER_ERRNOS = frozenset(
+    {errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EHOSTDOWN, errno.ENETDOWN}
+    | {errno.EACCES, errno.EPERM, errno.EINVAL, errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL}
+    | {errno.EMSGSIZE}
+)
 
 
 def max_payload(family: int) -> int:
@@ -74,11 +107,80 @@ class UdpCounts:
 
     datagrams: int = 0  # requests received
     rate_limited: int = 0  # requests not answered: over --udp-rate-limit
-    dropped: int = 0  # replies the kernel had no room for within SEND_PATIENCE
+    dropped: int = 0  # replies not sent: no room within SEND_PATIENCE, or a send error
+
+
+class DatagramSocket(Protocol):
+    """What :func:`serve_udp` needs of its socket; :class:`UdpSocket` is the
+    real one, and the tests pass fakes that fail on purpose.
+
+    The two ``async`` methods are the waits. The ``_nowait`` ones either do
+    their work at once or raise :exc:`BlockingIOError`, and are never a
+    checkpoint.
+    """
+
+    @property
+    def family(self) -> int: ...
+    def getsockname(self) -> Any: ...
+    async def recvfrom(self) -> tuple[bytes, Any]: ...
+    def recvfrom_nowait(self) -> tuple[bytes, Any]: ...
+    async def sendto(self, data: bytes, address: Any) -> object: ...
+    def sendto_nowait(self, data: bytes, address: Any, /) -> object: ...
+    def close(self) -> None: ...
+
+
+class UdpSocket:
+    """A bound UDP socket as :func:`serve_udp` uses it: a trio socket, with a
+    way to drain a backlog.
+
+    Every wait is the trio socket's own (``await recvfrom``, ``await
+    sendto``), so wake-ups and cancellation are trio's. A wait costs a pass
+    through trio's scheduler, which is about what answering a datagram
+    costs; so once a wait has returned, the datagrams queued behind it are
+    taken with plain non-blocking calls on the standard-library socket that
+    the trio socket wraps (the same socket: ``from_stdlib_socket`` wraps, it
+    does not copy). Those never wait: when nothing is left they raise
+    :exc:`BlockingIOError` and the loop goes back to waiting on the trio
+    socket.
+
+    Args:
+      sock: A bound UDP socket; owned from now on (closed by :meth:`close`).
+
+    Attributes:
+      trio_socket: The trio socket.
+    """
+
+    __slots__ = ("_sock", "recvfrom_nowait", "sendto_nowait", "trio_socket")
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+        self.trio_socket = trio.socket.from_stdlib_socket(sock)  # makes it non-blocking
+        # The calls that drain a backlog are the socket's own, bound here:
+        # no frame of ours per datagram.
+        self.recvfrom_nowait: Callable[[], tuple[bytes, Any]] = partial(
+            sock.recvfrom, RECEIVE_SIZE
+        )
+        self.sendto_nowait: Callable[[bytes, Any], object] = sock.sendto
+
+    @property
+    def family(self) -> int:
+        return self._sock.family
+
+    def getsockname(self) -> Any:
+        return self._sock.getsockname()
+
+    async def recvfrom(self) -> tuple[bytes, Any]:
+        return await self.trio_socket.recvfrom(RECEIVE_SIZE)
+
+    async def sendto(self, data: bytes, address: Any) -> object:
+        return await self.trio_socket.sendto(data, address)
+
+    def close(self) -> None:
+        self.trio_socket.close()
 
 
 async def serve_udp(
-    sock: socket.socket,
+    sock: DatagramSocket,
     *,
     ascii_only: bool = False,
     limiter: ReplyRateLimiter | None = None,
@@ -86,14 +188,14 @@ async def serve_udp(
 ) -> NoReturn:
     """Answer every datagram that arrives on ``sock`` until cancelled.
 
-    Datagrams are answered in batches: each wake-up reads and answers up to
-    :data:`BATCH` datagrams with plain non-blocking calls, then either waits
-    for the socket to be readable again (it was drained) or takes a
-    checkpoint and goes on (a full batch: let other tasks run first).
+    Each turn waits on the trio socket for one datagram, answers it, and
+    then answers up to :data:`BATCH` - 1 more that are already queued,
+    without waiting (see :class:`UdpSocket`): one pass through the
+    scheduler per batch, not per datagram.
 
     Args:
-      sock: A bound UDP socket (standard library). It is made non-blocking.
-          Its family sets the reply size limit.
+      sock: A bound UDP socket, normally a :class:`UdpSocket`. Its family
+          sets the reply size limit.
       ascii_only: Use the ``--ascii`` transform.
       limiter: If given, a request is answered only if the limiter allows a
           reply to its source's network (see
@@ -105,95 +207,154 @@ async def serve_udp(
       ``sock`` is left open: whoever bound it closes it.
 
     Error handling:
-      Any other error from the socket ends this loop, and with it the
-      server: it would mean the socket itself is broken.
-      A reply that cannot be sent (the sender's address is unreachable, or not
-      a valid destination at all) is logged at debug level and dropped: UDP
-      promises no delivery, and one bad sender must not stop the loop. An
-      ICMP error that some systems report on the next receive is skipped the
-      same way. A reply that finds the kernel's send buffer full waits for
-      room up to :data:`SEND_PATIENCE` seconds (receiving pauses meanwhile,
-      which is back-pressure); then it is dropped and counted.
+      Only an error that means the socket itself is gone (``EBADF``,
+      ``ENOTSOCK``, or :exc:`trio.ClosedResourceError`) ends the loop.
+
+      An error that one sender causes (an ICMP error reported for an earlier
+      reply, an address no reply can go to) costs that one datagram or
+      reply, logged at debug level.
+
+      Any other error (``ENOBUFS``, ``ENOMEM``, ...) is transient: a failed
+      receive is retried after :data:`RECEIVE_RETRY` seconds, a failed reply
+      is dropped and counted, and each run of them is logged once, as a
+      warning, with another line when it ends.
+
+      A reply that finds the kernel's send buffer full waits for room up to
+      :data:`SEND_PATIENCE` seconds (receiving pauses meanwhile, which is
+      back-pressure); then it is dropped and counted.
     """
-    if counts is None:
-        counts = UdpCounts()
-    sock.setblocking(False)
-    limit = max_payload(sock.family)
-    while True:
-        drained, pending = _answer_batch(sock, ascii_only, limit, limiter, counts)
-        if pending is not None:
-            await _send_when_room(sock, *pending, counts)
-        elif drained:
-            await trio.lowlevel.wait_readable(sock)
-        else:
-            await trio.lowlevel.checkpoint()
+    await _UdpLoop(sock, ascii_only, limiter, counts or UdpCounts()).run()
 
 
-def _answer_batch(
-    sock: socket.socket,
-    ascii_only: bool,
-    limit: int,
-    limiter: ReplyRateLimiter | None,
-    counts: UdpCounts,
-) -> tuple[bool, tuple[bytes, Any] | None]:
-    """Answer up to BATCH waiting datagrams without blocking.
+class _UdpLoop:
+    """The state of one :func:`serve_udp` run."""
 
-    Returns whether the socket was drained, and a reply that found the send
-    buffer full (with its address), which the caller must wait to send.
-    """
-    # One clock reading per batch: the batch takes microseconds.
-    now = trio.current_time() if limiter is not None else 0.0
-    for _ in range(BATCH):
-        try:
-            request, sender = sock.recvfrom(RECEIVE_SIZE)
-        except BlockingIOError:
-            return True, None
-        except ConnectionError as exc:
-            logger.debug("receive error ignored: %s", exc)
-            continue
-        counts.datagrams += 1
-        if limiter is not None and not _allowed(limiter, sender[0], now, counts):
-            continue
-        reply = reply_for(request, ascii_only=ascii_only, limit=limit)
-        try:
-            sock.sendto(reply, sender)
-        except BlockingIOError:
-            return False, (reply, sender)
-        except OSError as exc:
-            logger.debug("reply to %s not sent: %s", sender, exc)
-    return False, None
+    def __init__(
+        self,
+        sock: DatagramSocket,
+        ascii_only: bool,
+        limiter: ReplyRateLimiter | None,
+        counts: UdpCounts,
+    ) -> None:
+        self.sock = sock
+        self.ascii_only = ascii_only
+        self.limit = max_payload(sock.family)
+        self.limiter = limiter
+        self.counts = counts
+        where = sock.getsockname()
+        self.where = f"udp {host_port(where[0], where[1])}"
+        self.receiving = Episode(logger, f"{self.where}: receiving again")
+        self.sending = Episode(logger, f"{self.where}: sending replies again")
 
-
-def _allowed(limiter: ReplyRateLimiter, source: str, now: float, counts: UdpCounts) -> bool:
-    verdict = limiter.check(source_network(source), now)
-    if verdict is Verdict.ALLOW:
-        return True
-    counts.rate_limited += 1
-    if verdict is Verdict.FIRST_REFUSAL:
-        logger.warning(
-            "%s sends more than %g requests per second: not answering all of them "
-            "(see --udp-rate-limit)",
-            network_label(source),
-            limiter.rate,
-        )
-    return False
-
-
-async def _send_when_room(
-    sock: socket.socket, reply: bytes, address: Any, counts: UdpCounts
-) -> None:
-    with trio.move_on_after(SEND_PATIENCE):
+    async def run(self) -> NoReturn:
         while True:
-            await trio.lowlevel.wait_writable(sock)
             try:
-                sock.sendto(reply, address)
-            except BlockingIOError:
-                # "Writable" yet still full: a Unix datagram socket reports
-                # its own buffer, not the receiver's queue. Retry, not spin.
-                await trio.sleep(_RETRY_INTERVAL)
-                continue
+                request, sender = await self.sock.recvfrom()
             except OSError as exc:
-                logger.debug("reply to %s not sent: %s", address, exc)
+                self._receive_failed(exc)
+                if not _caused_by_peer(exc):
+                    await trio.sleep(RECEIVE_RETRY)
+                continue
+            self.receiving.ended()
+            pending = self._answer(request, sender)
+            if pending is None:
+                pending = self._answer_backlog()
+            if pending is not None:
+                await self._send_when_room(*pending)
+
+    def _answer_backlog(self) -> tuple[bytes, Any] | None:
+        """Answer up to BATCH - 1 datagrams already queued, without waiting.
+
+        Returns a reply that found the send buffer full, and its address,
+        which the caller must wait to send; None otherwise.
+        """
+        for _ in range(BATCH - 1):
+            try:
+                request, sender = self.sock.recvfrom_nowait()
+            except BlockingIOError:
+                return None
+            except OSError as exc:
+                # Left to the next wait: if the error is still there it is
+                # raised again, and handled (and waited out) there.
+                if not _caused_by_peer(exc):
+                    return None
+                self._receive_failed(exc)
+                continue
+            pending = self._answer(request, sender)
+            if pending is not None:
+                return pending
+        return None
+
+    def _answer(self, request: bytes, sender: Any) -> tuple[bytes, Any] | None:
+        """Answer one datagram if the rate limit allows it. Returns the reply
+        and its address if the send buffer was full, else None."""
+        counts = self.counts
+        counts.datagrams += 1
+        if self.limiter is not None and not self._allowed(sender[0]):
+            return None
+        reply = reply_for(request, ascii_only=self.ascii_only, limit=self.limit)
+        try:
+            self.sock.sendto_nowait(reply, sender)
+        except BlockingIOError:
+            return reply, sender
+        except OSError as exc:
+            self._send_failed(exc, sender)
+            return None
+        self.sending.ended()
+        return None
+
+    def _allowed(self, source: str) -> bool:
+        assert self.limiter is not None
+        verdict = self.limiter.check(source_network(source), trio.current_time())
+        if verdict is Verdict.ALLOW:
+            return True
+        self.counts.rate_limited += 1
+        if verdict is Verdict.FIRST_REFUSAL:
+            logger.warning(
+                "%s sends more than %g requests per second: not answering all of them "
+                "(see --udp-rate-limit)",
+                network_label(source),
+                self.limiter.rate,
+            )
+        return False
+
+    async def _send_when_room(self, reply: bytes, address: Any) -> None:
+        with trio.move_on_after(SEND_PATIENCE):
+            try:
+                await self.sock.sendto(reply, address)
+            except OSError as exc:
+                self._send_failed(exc, address)
+            else:
+                self.sending.ended()
             return
-    counts.dropped += 1
-    logger.warning("reply to %s dropped: no room to send it for %g s", address, SEND_PATIENCE)
+        self.counts.dropped += 1
+        logger.warning("reply to %s dropped: no room to send it for %g s", address, SEND_PATIENCE)
+
+    def _receive_failed(self, exc: OSError) -> None:
+        """Log a receive error, or raise it if the socket is gone."""
+        if exc.errno in _SOCKET_GONE_ERRNOS:
+            raise exc
+        if _caused_by_peer(exc):
+            logger.debug("%s: receive error ignored: %s", self.where, exc)
+        else:
+            self.receiving.failing(
+                f"{self.where}: cannot receive: {exc.strerror or exc}; "
+                f"retrying every {RECEIVE_RETRY:g} s"
+            )
+
+    def _send_failed(self, exc: OSError, address: Any) -> None:
+        """Count and log a reply that could not be sent, or raise if the
+        socket is gone."""
+        if exc.errno in _SOCKET_GONE_ERRNOS:
+            raise exc
+        self.counts.dropped += 1
+        if _caused_by_peer(exc):
+            logger.debug("%s: reply to %s not sent: %s", self.where, address, exc)
+        else:
+            self.sending.failing(
+                f"{self.where}: cannot send replies: {exc.strerror or exc}; dropping them"
+            )
+
+
+def _caused_by_peer(exc: OSError) -> bool:
+    return isinstance(exc, ConnectionError) or exc.errno in _PEER_ERRNOS
