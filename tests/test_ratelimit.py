@@ -1,16 +1,12 @@
 """Tests for trio_upper.ratelimit: the reply rate limiter, with time as a number
-we pass (no clock, no sleeping), seen only through what check() answers; and the
-amplification figures, checked against every code point."""
+we pass (no clock, no sleeping), seen only through what check() answers."""
 
 from __future__ import annotations
 
-import array
 import collections
 import itertools
 import math
-import sys
 from collections.abc import Iterable, Sequence
-from fractions import Fraction
 
 import pytest
 from hypothesis import given
@@ -24,7 +20,6 @@ from trio_upper.ratelimit import (
     network_label,
     source_network,
 )
-from trio_upper.transform import MAX_GROWTH, upper_ascii, upper_bytes
 
 ALLOW, REFUSE, FIRST = Verdict.ALLOW, Verdict.REFUSE, Verdict.FIRST_REFUSAL
 
@@ -365,58 +360,6 @@ def test_agrees_exactly_with_the_model(
     model = Model(rate, burst, max_keys)
     for key, now in arrivals:
         assert limiter.check(key, now) is model.check(key, now), (key, now)
-
-
-# --- Amplification ------------------------------------------------------------
-
-# Every code point, as [start, stop) ranges by the length of its UTF-8
-# encoding; surrogates have none.
-UTF8_WIDTHS = (
-    (1, 0, 0x80),
-    (2, 0x80, 0x800),
-    (3, 0x800, 0xD800),
-    (3, 0xE000, 0x10000),
-    (4, 0x10000, sys.maxunicode + 1),
-)
-
-
-def code_points(start: int, stop: int) -> str:
-    """The code points from ``start`` to ``stop - 1`` as one string, made in C:
-    a million calls to chr() would take most of this file's running time."""
-    utf32 = array.array("I", range(start, stop))
-    assert utf32.itemsize == 4
-    return utf32.tobytes().decode(f"utf-32-{sys.byteorder[0]}e")
-
-
-def test_utf8_amplification_is_max_growth_at_u0390_and_u03b0() -> None:
-    growth: dict[int, Fraction] = {}
-    for width, start, stop in UTF8_WIDTHS:
-        text = code_points(start, stop)
-        for offset in range(0, len(text), 256):
-            block = text[offset : offset + 256]
-            uppers = block.upper()
-            if uppers == block:
-                # No code point in the block changes: str.upper maps each on
-                # its own to at least one code point, so one that did would
-                # change the block too.
-                continue
-            each = [char.upper() for char in block]
-            # That it maps each on its own is also why no message grows by
-            # more than its worst code point does.
-            assert "".join(each) == uppers
-            for char, upper in zip(block, each, strict=True):
-                if len(upper.encode()) > width:
-                    growth[ord(char)] = Fraction(len(upper.encode()), width)
-    worst = max(growth.values())
-    assert worst == MAX_GROWTH == 3
-    assert sorted(cp for cp, ratio in growth.items() if ratio == worst) == [0x390, 0x3B0]
-
-
-def test_no_amplification_in_ascii_mode_or_for_invalid_utf8() -> None:
-    every_byte = bytes(range(256))
-    assert len(upper_ascii(every_byte)) == 256
-    for byte in range(0x80, 0x100):
-        assert upper_bytes(bytes([byte])) == bytes([byte])
 
 
 # --- Networks -----------------------------------------------------------------
