@@ -71,12 +71,12 @@ class ReplyRateLimiter:
     at most ``burst + rate * t`` replies, unless it is evicted meanwhile.
 
     At most ``max_keys`` keys are kept, by time of last request, refused or
-    not. A new key looks at the two least recently used (no request pays for
-    a scan, yet the table shrinks after a flood): it drops the first if its
-    bucket has refilled (as good as new), then the second if its has too. If
-    the table is still full, it evicts the first anyway, which gets a fresh
-    burst when next seen: a victim only if ``max_keys`` other keys come
-    between two of its requests.
+    not. A key not in the table looks at the two least recently used (no
+    request pays for a scan, yet the table shrinks after a flood): it drops
+    the first if its bucket has refilled (as good as new), then the second if
+    its has too. If the table is still full, it evicts the first anyway,
+    which gets a fresh burst when next seen: a victim only if ``max_keys``
+    other keys come between two of its requests.
 
     Args:
       rate: Replies per second per key, finite, >= 0; 0 allows everything.
