@@ -1,10 +1,12 @@
-"""The two clients: TCP and UDP, with every wait for the server bounded.
+"""The TCP client: connect, then either the lecture's prompt-and-reply loop
+(:func:`tcp_interactive`) or an ``nc``-like copy of a stream
+(:func:`tcp_stream`), with every wait for the server bounded.
 
-Each client is a session function that takes its transport and its terminal
-as arguments (a :class:`trio.abc.Stream` or a datagram socket factory; a line
-reader, or a pair of byte streams), so the tests drive them over in-memory
-streams and fake sockets under a mock clock. :mod:`trio_upper.cli` plugs in
-the real network and the real stdin/stdout.
+The sessions take their transport and their terminal as arguments (a
+:class:`trio.abc.Stream`; a line reader, or a pair of byte streams), so the
+tests drive them over in-memory streams under a mock clock.
+:mod:`trio_upper.cli` plugs in the real network and
+:mod:`trio_upper.stdio`'s stdin and stdout.
 
 Every failure the user can cause or meet (refused, unreachable, DNS failure,
 timeout, server closed early) is raised as :class:`~trio_upper.errors.UserError`
@@ -18,59 +20,31 @@ import logging
 import math
 import os
 import socket
-from collections.abc import Awaitable, Callable, Sequence
-from typing import Protocol
+from collections.abc import Awaitable, Callable
 
 import trio
 
 from .errors import UserError, bare_user_error, leaves, plural
-from .udp import RECEIVE_SIZE as DATAGRAM_RECEIVE_SIZE
-from .udp import max_payload
+from .stdio import LineSource
 
 __all__ = [
     "DEFAULT_CONNECT_TIMEOUT",
-    "DEFAULT_HOST",
-    "DEFAULT_RETRIES",
     "DEFAULT_TCP_TIMEOUT",
-    "DEFAULT_UDP_TIMEOUT",
-    "PROMPT",
-    "DatagramSocket",
-    "FdReceiveStream",
-    "FdSendStream",
-    "LineSource",
     "connect_tcp",
-    "pipe_line_reader",
-    "read_terminal_line",
-    "resolve_udp",
     "tcp_interactive",
     "tcp_stream",
-    "udp_ask",
-    "udp_session",
 ]
 
-logger = logging.getLogger("trio_upper.client")
-
-# As in the lecture.
-DEFAULT_HOST = "localhost"
-PROMPT = "Input lowercase sentence: "
+logger = logging.getLogger("trio_upper.tcp_client")
 
 # A TCP server answers each read at once, so seconds of silence mean trouble;
 # five is generous for a slow network and short for a person waiting.
 DEFAULT_CONNECT_TIMEOUT = 5.0
 DEFAULT_TCP_TIMEOUT = 5.0
 
-# UDP loses datagrams, so a short first wait and a few retries with doubling
-# waits (1 + 2 + 4 s by default) beat one long wait.
-DEFAULT_UDP_TIMEOUT = 1.0
-DEFAULT_RETRIES = 2
-_BACKOFF = 2.0
-
 # Bytes read from stdin at a time in stream mode. Together with send_all's
 # back-pressure this bounds the client's memory for inputs of any size.
 _CHUNK = 65536
-
-# A line source returns the next line without its line ending, or None at EOF.
-LineSource = Callable[[], Awaitable[bytes | None]]
 
 
 def _reason(exc: OSError) -> str:
@@ -346,233 +320,3 @@ async def tcp_stream(
                 await copy.pump_done.wait()
             nursery.cancel_scope.cancel()
     copy.check_complete()
-
-
-# --- UDP ---------------------------------------------------------------------
-
-
-class DatagramSocket(Protocol):
-    """The part of :class:`trio.socket.SocketType` the UDP client uses, so
-    tests can hand it a fake network."""
-
-    def connect(self, address: tuple[object, ...], /) -> Awaitable[None]: ...
-    def send(self, data: bytes, /) -> Awaitable[int]: ...
-    def recv(self, bufsize: int, /) -> Awaitable[bytes]: ...
-    def close(self) -> None: ...
-
-
-# Makes a new UDP socket for an address family.
-SocketFactory = Callable[[int], DatagramSocket]
-
-
-def _udp_socket(family: int) -> DatagramSocket:
-    return trio.socket.socket(family, socket.SOCK_DGRAM)
-
-
-Address = tuple[int, tuple[object, ...]]  # (family, sockaddr)
-
-
-async def resolve_udp(host: str, port: int) -> list[Address]:
-    """The addresses to try for ``host``, in the resolver's order.
-
-    Raises:
-      UserError: the name does not resolve.
-    """
-    try:
-        infos = await trio.socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
-    except (socket.gaierror, UnicodeError) as exc:
-        raise UserError.unresolvable(host, exc) from None
-    return [(family, sockaddr) for family, _, _, _, sockaddr in infos]
-
-
-async def udp_ask(
-    sock: DatagramSocket, request: bytes, *, timeout: float, retries: int
-) -> bytes | None:
-    """Send ``request`` on a connected socket and return the first reply.
-
-    Try ``retries + 1`` times, waiting ``timeout`` seconds after the first
-    send and twice as long after each retry.
-
-    Returns:
-      The reply, or None if no try got one.
-
-    Raises:
-      ConnectionRefusedError: the OS reported that nothing listens there (an
-          ICMP port unreachable), which makes waiting pointless.
-    """
-    for attempt in range(retries + 1):
-        await sock.send(request)
-        with trio.move_on_after(timeout * _BACKOFF**attempt):
-            return await sock.recv(DATAGRAM_RECEIVE_SIZE)
-        logger.debug("no reply to try %d", attempt + 1)
-    return None
-
-
-def _total_wait(timeout: float, retries: int) -> float:
-    return math.fsum(timeout * _BACKOFF**attempt for attempt in range(retries + 1))
-
-
-async def udp_session(
-    addresses: Sequence[Address],
-    read_line: LineSource,
-    write: Callable[[bytes], Awaitable[object]],
-    *,
-    where: str,
-    timeout: float = DEFAULT_UDP_TIMEOUT,
-    retries: int = DEFAULT_RETRIES,
-    new_socket: SocketFactory = _udp_socket,
-) -> int:
-    """The lecture's UDPClient, repeated: each line is one datagram, and each
-    reply is written followed by a newline.
-
-    Every line gets a fresh socket, so a late reply to an earlier line, which
-    arrives at the earlier socket's port, can never be taken for the answer to
-    a later one. Addresses are tried in order (``localhost`` is often ``::1``
-    first, and the server may be IPv4 only); the first that does not refuse is
-    kept for the lines after.
-
-    Args:
-      addresses: From :func:`resolve_udp`.
-      read_line: The next line without its line ending, or None at the end.
-      write: Where each reply (plus a newline) goes.
-      where: ``"HOST port PORT"``, for messages.
-      timeout: Seconds to wait for the first try's reply; see :func:`udp_ask`.
-      retries: Tries after the first before giving up on a line.
-      new_socket: Makes the socket for each line (the tests pass fakes).
-
-    Returns:
-      The number of lines answered.
-
-    Raises:
-      UserError: a line too long for one datagram, no server (refused), or no
-          reply after every retry.
-    """
-    candidates = list(addresses)
-    answered = 0
-    while (line := await read_line()) is not None:
-        reply: bytes | None = None
-        failures: list[OSError] = []
-        for family, sockaddr in list(candidates):
-            if len(line) > max_payload(family):
-                raise UserError(
-                    f"line {answered + 1} is longer than one datagram can carry "
-                    f"({max_payload(family)} bytes)"
-                )
-            sock = new_socket(family)
-            try:
-                await sock.connect(sockaddr)
-                reply = await udp_ask(sock, line, timeout=timeout, retries=retries)
-            except OSError as exc:
-                # Refused (ICMP port unreachable) or unreachable: nothing
-                # answers there, so try the next address and drop this one.
-                logger.debug("%s: %s; trying the next address", sockaddr, exc)
-                failures.append(exc)
-                candidates.remove((family, sockaddr))
-                continue
-            finally:
-                sock.close()
-            if reply is None:
-                raise UserError(
-                    f"no reply from {where} after {plural(retries + 1, 'try', 'tries')} "
-                    f"over {_total_wait(timeout, retries):g} s"
-                )
-            break
-        if reply is None:
-            if failures and all(isinstance(e, ConnectionRefusedError) for e in failures):
-                raise UserError(f"no UDP server at {where}: connection refused")
-            reason = _reason(failures[-1]) if failures else "no address to try"
-            raise UserError(f"cannot reach {where}: {reason}")
-        await write(reply + b"\n")
-        answered += 1
-    return answered
-
-
-# --- Local input and output ---------------------------------------------------
-
-
-class FdReceiveStream(trio.abc.ReceiveStream):
-    """Reads a file descriptor (stdin) in a worker thread.
-
-    A thread, unlike :class:`trio.lowlevel.FdStream`, works for regular files
-    as well as pipes and terminals. A read blocked on an idle pipe is
-    abandoned on cancellation, so the client can always exit.
-    """
-
-    def __init__(self, fd: int) -> None:
-        self._fd = fd
-
-    async def receive_some(self, max_bytes: int | None = None) -> bytes:
-        try:
-            return await trio.to_thread.run_sync(
-                os.read, self._fd, max_bytes or _CHUNK, abandon_on_cancel=True
-            )
-        except OSError as exc:
-            raise UserError(f"cannot read input: {exc.strerror}") from None
-
-    async def aclose(self) -> None:
-        await trio.lowlevel.checkpoint()
-
-
-class FdSendStream(trio.abc.SendStream):
-    """Writes a file descriptor (stdout) in a worker thread, all of each
-    chunk, so a slow reader of our output slows us down instead of filling
-    memory."""
-
-    def __init__(self, fd: int) -> None:
-        self._fd = fd
-
-    def _write_all(self, data: bytes) -> None:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(self._fd, view) :]
-
-    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        try:
-            await trio.to_thread.run_sync(self._write_all, bytes(data))
-        except OSError as exc:
-            raise UserError(f"cannot write output: {exc.strerror}") from None
-
-    async def wait_send_all_might_not_block(self) -> None:
-        await trio.lowlevel.checkpoint()
-
-    async def aclose(self) -> None:
-        await trio.lowlevel.checkpoint()
-
-
-async def read_terminal_line() -> bytes | None:
-    """Prompt on the terminal, as the lecture does; None at Ctrl-D."""
-
-    def ask() -> bytes | None:
-        try:
-            return input(PROMPT).encode("utf-8", "surrogateescape")
-        except EOFError:
-            print()  # Ctrl-D leaves the cursor after the prompt
-            return None
-
-    return await trio.to_thread.run_sync(ask, abandon_on_cancel=True)
-
-
-def pipe_line_reader(fd: int, limit: int) -> LineSource:
-    """A line source over a pipe or file: lines without their ending (``\\n``
-    or ``\\r\\n``). Reads at most ``limit + 2`` bytes per line, so an endless
-    line cannot fill memory; a longer line comes back cut at that size.
-
-    It reads a duplicate of ``fd`` (buffered), closed at the end of input;
-    ``fd`` itself is left open."""
-    file = os.fdopen(os.dup(fd), "rb")
-
-    async def read_line() -> bytes | None:
-        try:
-            line: bytes = await trio.to_thread.run_sync(
-                file.readline, limit + 2, abandon_on_cancel=True
-            )
-        except OSError as exc:
-            raise UserError(f"cannot read input: {exc.strerror}") from None
-        if not line:
-            file.close()
-            return None
-        if line.endswith(b"\n"):
-            line = line[:-2] if line.endswith(b"\r\n") else line[:-1]
-        return line
-
-    return read_line
