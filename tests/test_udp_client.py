@@ -5,6 +5,8 @@ a fake datagram network, every wait, retry and backoff on the mock clock
 from __future__ import annotations
 
 import errno
+import os
+import re
 import socket
 from collections.abc import Callable
 
@@ -34,7 +36,9 @@ class FakeNetwork:
     Replies go back to the socket that sent the request, and are lost if that
     socket was closed meanwhile, as on a real network. Sending to an address in
     ``refused`` makes the socket's next recv raise ConnectionRefusedError (the
-    ICMP port unreachable), as Linux does for connected UDP sockets.
+    ICMP port unreachable), as Linux does for connected UDP sockets. Making a
+    socket of a family in ``unsupported`` fails with EAFNOSUPPORT, as it does
+    for IPv6 on a host without it.
     """
 
     def __init__(
@@ -44,15 +48,22 @@ class FakeNetwork:
         delay: Callable[[int, bytes], float | None] = lambda n, data: 0.0,
         refused: tuple[object, ...] = (),
         connect_error: dict[object, OSError] | None = None,
+        unsupported: tuple[int, ...] = (),
     ) -> None:
         self.nursery = nursery
         self.delay = delay
         self.refused = refused
         self.connect_error = connect_error or {}
+        self.unsupported = unsupported
+        self.families_asked: list[int] = []
         self.sockets: list[FakeSocket] = []
         self.sends: list[tuple[object, bytes]] = []
 
     def socket(self, family: int) -> FakeSocket:
+        self.families_asked.append(family)
+        if family in self.unsupported:
+            code = errno.EAFNOSUPPORT
+            raise OSError(code, os.strerror(code))
         sock = FakeSocket(self, family)
         self.sockets.append(sock)
         return sock
@@ -290,6 +301,45 @@ async def test_udp_session_unreachable_address_is_reported(
             )
     assert out == []
     assert all(sock.closed for sock in net.sockets)
+
+
+async def test_udp_session_skips_an_address_family_this_host_lacks(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # A host without IPv6 cannot even make the socket for ::1: that address
+    # failed, like a refusing one, and 127.0.0.1 is tried next.
+    out: list[bytes] = []
+    async with trio.open_nursery() as nursery:
+        net = FakeNetwork(nursery, unsupported=(socket.AF_INET6,))
+        answered = await udp_session(
+            [V6, V4],
+            line_source([b"one", b"two"]),
+            collector(out),
+            where=WHERE,
+            new_socket=net.socket,
+        )
+    assert answered == 2
+    assert out == [b"ONE\n", b"TWO\n"]
+    # IPv6 asked for once; every later line goes straight to 127.0.0.1.
+    assert net.families_asked == [socket.AF_INET6, socket.AF_INET, socket.AF_INET]
+    assert net.connects == [V4[1], V4[1]]
+    assert all(sock.closed for sock in net.sockets)
+
+
+async def test_udp_session_no_address_family_this_host_has(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    out: list[bytes] = []
+    reason = re.escape(os.strerror(errno.EAFNOSUPPORT))
+    async with trio.open_nursery() as nursery:
+        net = FakeNetwork(nursery, unsupported=(socket.AF_INET6,))
+        with pytest.raises(UserError, match=rf"^cannot reach localhost port 12000: {reason}$"):
+            await udp_session(
+                [V6], line_source([b"hello"]), collector(out), where=WHERE, new_socket=net.socket
+            )
+    assert out == []
+    assert net.families_asked == [socket.AF_INET6]
+    assert net.sends == []
 
 
 async def test_udp_session_late_reply_is_never_taken_for_the_next_line(

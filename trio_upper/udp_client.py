@@ -116,6 +116,36 @@ def _total_wait(timeout: float, retries: int) -> float:
     return math.fsum(timeout * _BACKOFF**attempt for attempt in range(retries + 1))
 
 
+async def _ask_at(
+    new_socket: SocketFactory,
+    family: int,
+    sockaddr: tuple[object, ...],
+    request: bytes,
+    *,
+    timeout: float,
+    retries: int,
+) -> bytes | None:
+    """:func:`udp_ask` at one address, on a socket of its own.
+
+    Returns:
+      The reply, or None if no try got one.
+
+    Resource handling:
+      The socket is closed on return.
+
+    Raises:
+      OSError: the socket cannot be made (``EAFNOSUPPORT``: an IPv6 address
+          on a host without IPv6), cannot connect (unreachable), or is
+          refused. Each means that nothing will answer at this address.
+    """
+    sock = new_socket(family)
+    try:
+        await sock.connect(sockaddr)
+        return await udp_ask(sock, request, timeout=timeout, retries=retries)
+    finally:
+        sock.close()
+
+
 async def udp_session(
     addresses: Sequence[Address],
     read_line: LineSource,
@@ -132,8 +162,9 @@ async def udp_session(
     Every line gets a fresh socket, so a late reply to an earlier line, which
     arrives at the earlier socket's port, can never be taken for the answer to
     a later one. Addresses are tried in order (``localhost`` is often ``::1``
-    first, and the server may be IPv4 only); the first that does not refuse is
-    kept for the lines after.
+    first, and the server, or this host, may be IPv4 only); one that refuses,
+    is unreachable, or is of a family this host has no sockets for is dropped,
+    and the first that answers is kept for the lines after.
 
     Args:
       addresses: From :func:`resolve_udp`.
@@ -147,9 +178,13 @@ async def udp_session(
     Returns:
       The number of lines answered.
 
+    Resource handling:
+      Each line's socket is closed before the next line is read.
+
     Raises:
-      UserError: a line too long for one datagram, no server (refused), or no
-          reply after every retry.
+      UserError: a line too long for one datagram, no server (refused), no
+          address that can be reached (the reason is the last address's), or
+          no reply after every retry.
     """
     candidates = list(addresses)
     answered = 0
@@ -162,19 +197,18 @@ async def udp_session(
                     f"line {answered + 1} is longer than one datagram can carry "
                     f"({max_payload(family)} bytes)"
                 )
-            sock = new_socket(family)
             try:
-                await sock.connect(sockaddr)
-                reply = await udp_ask(sock, line, timeout=timeout, retries=retries)
+                reply = await _ask_at(
+                    new_socket, family, sockaddr, line, timeout=timeout, retries=retries
+                )
             except OSError as exc:
-                # Refused (ICMP port unreachable) or unreachable: nothing
-                # answers there, so try the next address and drop this one.
+                # No socket for its family, refused (ICMP port unreachable) or
+                # unreachable: nothing will answer there, so drop this address
+                # and try the next.
                 logger.debug("%s: %s; trying the next address", sockaddr, exc)
                 failures.append(exc)
                 candidates.remove((family, sockaddr))
                 continue
-            finally:
-                sock.close()
             if reply is None:
                 raise UserError(
                     f"no reply from {where} after {plural(retries + 1, 'try', 'tries')} "
