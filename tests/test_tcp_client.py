@@ -4,13 +4,16 @@ tcp_stream over in-memory streams, every wait on the mock clock
 
 from __future__ import annotations
 
+import contextlib
+import tracemalloc
+
 import pytest
 import trio
 import trio.testing
 
 from trio_upper.errors import UserError
 from trio_upper.tcp import handle_stream
-from trio_upper.tcp_client import connect_tcp, tcp_interactive, tcp_stream
+from trio_upper.tcp_client import MAX_PENDING_REPLY, connect_tcp, tcp_interactive, tcp_stream
 from trio_upper.transform import upper_bytes
 
 from .client_io import collector, line_source
@@ -157,6 +160,195 @@ async def test_interactive_partial_reply_is_written_before_the_error() -> None:
         with pytest.raises(UserError, match=r"0 lines answered, the last line was not"):
             await tcp_interactive(client, line_source([b"second"]), collector(out))
     assert out == [b"SEC"]
+
+
+async def test_interactive_reply_sent_ahead_is_kept_for_the_next_line() -> None:
+    client, server = trio.testing.memory_stream_pair()
+    out: list[bytes] = []
+
+    async def eager(stream: trio.abc.Stream) -> None:
+        # Both replies at once, in answer to the first line.
+        async with stream:
+            await stream.receive_some()
+            await stream.send_all(b"ONE\nTWO\n")
+            await receive_until_eof(stream)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(eager, server)
+        answered = await tcp_interactive(client, line_source([b"one", b"two"]), collector(out))
+    assert answered == 2
+    assert out == [b"ONE\n", b"TWO\n"]
+
+
+# --- tcp_interactive: reply lines longer than it holds --------------------------
+
+# Printable ASCII without a newline, repeated: the content of an endless line.
+PATTERN = bytes(range(ord("!"), ord("~") + 1))
+
+# How much a test server sends at a time: small, and no divisor of the bound,
+# so that deliveries straddle it.
+SMALL_CHUNK = 1000
+
+
+def pattern(offset: int, size: int) -> bytes:
+    """``size`` bytes of the endless line from ``offset``."""
+    start = offset % len(PATTERN)
+    return (PATTERN * ((start + size) // len(PATTERN) + 1))[start : start + size]
+
+
+class CountingStream(trio.abc.Stream):
+    """A client's connection that counts the bytes the client took from it."""
+
+    def __init__(self, inner: trio.abc.Stream) -> None:
+        self.inner = inner
+        self.received = 0
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self.inner.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.inner.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        data = await self.inner.receive_some(max_bytes)
+        self.received += len(data)
+        return data
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+class EndlessLineOutput:
+    """A write callback for the endless line that keeps none of it: it checks
+    that each write carries on the line exactly, and counts."""
+
+    def __init__(self) -> None:
+        self.size = 0
+        self.largest = 0
+
+    async def write(self, data: bytes) -> None:
+        await trio.lowlevel.checkpoint()
+        assert data == pattern(self.size, len(data))
+        self.size += len(data)
+        self.largest = max(self.largest, len(data))
+
+
+async def test_interactive_reply_of_megabytes_is_written_whole_in_bounded_pieces(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # Lockstep: each of the server's small sends reaches the client as such.
+    client, server = trio.testing.lockstep_stream_pair()
+    long_reply = pattern(0, 3 * 1024 * 1024 + 123)
+    out: list[bytes] = []
+
+    async def long_then_short(stream: trio.abc.Stream) -> None:
+        async with stream:
+            assert await stream.receive_some() == b"long\n"
+            for start in range(0, len(long_reply), SMALL_CHUNK):
+                await stream.send_all(long_reply[start : start + SMALL_CHUNK])
+            await stream.send_all(b"\n")
+            assert await stream.receive_some() == b"short\n"
+            await stream.send_all(b"SHORT\n")
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(long_then_short, server)
+        answered = await tcp_interactive(
+            client, line_source([b"long", b"short"]), collector(out), timeout=5
+        )
+    assert answered == 2
+    assert b"".join(out) == long_reply + b"\n" + b"SHORT\n"
+    # Each full bound written as it came, the rest with the newline; a short
+    # reply still in one piece.
+    full, rest = divmod(len(long_reply), MAX_PENDING_REPLY)
+    assert [len(piece) for piece in out] == [MAX_PENDING_REPLY] * full + [rest + 1, 6]
+
+
+async def test_interactive_endless_reply_without_newline_times_out_in_bounded_memory(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    client, server = trio.testing.lockstep_stream_pair()
+    counted = CountingStream(client)
+    output = EndlessLineOutput()
+
+    async def endless(stream: trio.abc.Stream) -> None:
+        # It stops only when the client hangs up.
+        with contextlib.suppress(trio.BrokenResourceError):
+            await stream.receive_some()
+            sent = 0
+            while True:
+                await stream.send_all(pattern(sent, SMALL_CHUNK))
+                sent += SMALL_CHUNK
+                await trio.sleep(0.001)
+
+    tracemalloc.start()
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(endless, server)
+            start = trio.current_time()
+            with pytest.raises(UserError, match=unresponsive("5")):
+                await tcp_interactive(counted, line_source([b"hello"]), output.write, timeout=5)
+            # The line's timeout bounds the wait, however much keeps coming.
+            assert trio.current_time() - start == pytest.approx(5)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert counted.received > 50 * MAX_PENDING_REPLY
+    # Every byte that came was written, in pieces no larger than the bound...
+    assert output.size == counted.received
+    assert output.largest <= MAX_PENDING_REPLY
+    # ...and memory stayed at a few times the bound (the reply and its copies
+    # on the way out, the test's checks), not the 76 times that came.
+    assert peak < 16 * MAX_PENDING_REPLY, peak
+
+
+async def test_interactive_long_partial_reply_then_close(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    client, server = trio.testing.lockstep_stream_pair()
+    partial = pattern(0, 5 * MAX_PENDING_REPLY + 7)
+    out: list[bytes] = []
+
+    async def cut_short(stream: trio.abc.Stream) -> None:
+        async with stream:
+            await stream.receive_some()
+            for start in range(0, len(partial), SMALL_CHUNK):
+                await stream.send_all(partial[start : start + SMALL_CHUNK])
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(cut_short, server)
+        with pytest.raises(
+            UserError,
+            match=r"^the server closed the connection; 0 lines answered, the last line was not$",
+        ):
+            await tcp_interactive(client, line_source([b"hello"]), collector(out), timeout=5)
+    assert b"".join(out) == partial
+    assert max(len(piece) for piece in out) <= MAX_PENDING_REPLY
+
+
+async def test_interactive_slow_output_of_a_long_reply_is_not_a_server_timeout(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # Writing a piece of a long reply takes a minute (a terminal paused with
+    # Ctrl-S); the server, done in no time, must not be blamed for it.
+    client, server = trio.testing.lockstep_stream_pair()
+    long_reply = pattern(0, 3 * MAX_PENDING_REPLY) + b"\n"
+    out: list[bytes] = []
+
+    async def slow_write(data: bytes) -> None:
+        await trio.sleep(60)
+        out.append(data)
+
+    async def long_line(stream: trio.abc.Stream) -> None:
+        async with stream:
+            await stream.receive_some()
+            await stream.send_all(long_reply)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(long_line, server)
+        answered = await tcp_interactive(client, line_source([b"hello"]), slow_write, timeout=5)
+    assert answered == 1
+    assert b"".join(out) == long_reply
+    assert len(out) > 1
 
 
 # --- tcp_stream ---------------------------------------------------------------

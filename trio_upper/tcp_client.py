@@ -30,6 +30,7 @@ from .stdio import LineSource
 __all__ = [
     "DEFAULT_CONNECT_TIMEOUT",
     "DEFAULT_TCP_TIMEOUT",
+    "MAX_PENDING_REPLY",
     "connect_tcp",
     "tcp_interactive",
     "tcp_stream",
@@ -41,6 +42,13 @@ logger = logging.getLogger("trio_upper.tcp_client")
 # five is generous for a slow network and short for a person waiting.
 DEFAULT_CONNECT_TIMEOUT = 5.0
 DEFAULT_TCP_TIMEOUT = 5.0
+
+# The most of a reply line the interactive client holds before writing it
+# out. Without a bound, a server that never sends a newline would grow our
+# memory without end. A line typed at a terminal is short (Linux's tty line
+# buffer holds 4 KiB) and its uppercase at most 3 times longer, so 64 KiB
+# still writes the reply to a typed line in one piece.
+MAX_PENDING_REPLY = 64 * 1024
 
 # Bytes read from stdin at a time in stream mode. Together with send_all's
 # back-pressure this bounds the client's memory for inputs of any size.
@@ -112,11 +120,12 @@ class _LineCount:
         return self.newlines == request.newlines and self.open_line >= request.open_line
 
 
-async def _receive(stream: trio.abc.ReceiveStream) -> bytes:
-    """One read from the server; a reset connection reads as end of stream,
-    so that the caller reports what was and was not answered."""
+async def _receive(stream: trio.abc.ReceiveStream, max_bytes: int | None = None) -> bytes:
+    """One read from the server, of at most ``max_bytes``; a reset connection
+    reads as end of stream, so that the caller reports what was and was not
+    answered."""
     try:
-        return bytes(await stream.receive_some())
+        return bytes(await stream.receive_some(max_bytes))
     except trio.BrokenResourceError as exc:
         logger.debug("connection lost: %s", exc.__cause__ or exc)
         return b""
@@ -141,6 +150,62 @@ async def _send(stream: trio.abc.SendStream, data: bytes, timeout: float) -> boo
     return True
 
 
+class _ReplyLines:
+    """The server's replies, cut into lines for :func:`tcp_interactive`,
+    holding at most :data:`MAX_PENDING_REPLY` bytes of them."""
+
+    def __init__(
+        self,
+        stream: trio.abc.ReceiveStream,
+        write: Callable[[bytes], Awaitable[object]],
+        timeout: float,
+    ) -> None:
+        self.stream, self.write, self.timeout = stream, write, timeout
+        # Received and not yet written: the start of the next reply line, and
+        # whatever a server sent ahead of it. Never longer than the bound.
+        self.pending = bytearray()
+
+    async def _write_out(self, size: int) -> None:
+        """Write the first ``size`` pending bytes, and forget them."""
+        if size:
+            data = bytes(self.pending[:size])
+            del self.pending[:size]
+            await self.write(data)
+
+    async def relay(self) -> bool:
+        """Write the next reply line; return True if it ended with its
+        newline, False if the server closed the connection first.
+
+        Raises:
+          UserError: the newline did not come within ``timeout``.
+
+        Whatever did come of the line is written in every case.
+        """
+        deadline = trio.current_time() + self.timeout
+        searched = 0  # self.pending[:searched] has no newline
+        while (newline := self.pending.find(b"\n", searched)) < 0:
+            if len(self.pending) >= MAX_PENDING_REPLY:
+                # Full without a newline: the user gets it now. Time spent
+                # writing is ours (a slow terminal), not the server's.
+                writing = trio.current_time()
+                await self._write_out(len(self.pending))
+                deadline += trio.current_time() - writing
+            searched = len(self.pending)
+            data = b""
+            with trio.move_on_at(deadline) as waiting:
+                # Never more than fills the bound, so it is never passed.
+                data = await _receive(self.stream, MAX_PENDING_REPLY - len(self.pending))
+            if waiting.cancelled_caught:
+                await self._write_out(len(self.pending))
+                raise _unresponsive(self.timeout)
+            if not data:
+                await self._write_out(len(self.pending))
+                return False
+            self.pending += data
+        await self._write_out(newline + 1)
+        return True
+
+
 async def tcp_interactive(
     stream: trio.abc.Stream,
     read_line: LineSource,
@@ -151,6 +216,22 @@ async def tcp_interactive(
     """The lecture's TCPClient, repeated: for each line, send it with a
     newline, wait for the reply line, and write it.
 
+    A reply line is written in one piece unless it grows past
+    :data:`MAX_PENDING_REPLY` bytes without a newline; then each full
+    :data:`MAX_PENDING_REPLY` bytes are written as they arrive, and the rest
+    with the newline. Every byte is written, in order, and memory stays
+    bounded whatever the server sends.
+
+    Args:
+      stream: The connection to the server.
+      read_line: The next line to send, without its line ending, or None to
+          end the session.
+      write: Where the replies go (stdout), newlines included.
+      timeout: The longest each send may take, and the longest from the end
+          of a send to the newline ending its reply line, however many
+          pieces that reply is written in. Time spent in ``write`` does not
+          count: a slow output is not a slow server.
+
     Returns:
       The number of lines answered.
 
@@ -158,24 +239,18 @@ async def tcp_interactive(
       ``stream`` is closed on return.
 
     Raises:
-      UserError: no reply within ``timeout`` seconds, or the server closed the
-          connection before answering a line (its partial reply, if any, is
-          written first).
+      UserError: no reply line within ``timeout`` seconds (a server that
+          sends endlessly without a newline included), or the server closed
+          the connection before answering a line. What did come of the reply
+          is written first in both cases.
     """
     answered = 0
-    pending = b""
+    replies = _ReplyLines(stream, write, timeout)
     async with stream:
         while (line := await read_line()) is not None:
             sent = await _send(stream, line + b"\n", timeout)
-            with trio.move_on_after(timeout) as waiting:
-                while b"\n" not in pending and (data := await _receive(stream)):
-                    pending += data
-            if waiting.cancelled_caught:
-                raise _unresponsive(timeout)
-            reply, newline, pending = pending.partition(b"\n")
-            if reply or newline:
-                await write(reply + newline)
-            if not (sent and newline):
+            complete = await replies.relay()
+            if not (sent and complete):
                 raise UserError(
                     "the server closed the connection; "
                     f"{plural(answered, 'line')} answered, the last line was not"
