@@ -109,9 +109,26 @@ def pipe_line_reader(fd: int, limit: int) -> LineSource:
     or ``\\r\\n``). Reads at most ``limit + 2`` bytes per line, so an endless
     line cannot fill memory; a longer line comes back cut at that size.
 
-    It reads a duplicate of ``fd`` (buffered), closed at the end of input;
-    ``fd`` itself is left open."""
-    file = os.fdopen(os.dup(fd), "rb")
+    Args:
+      fd: What to read (stdin); left open.
+      limit: The longest line the caller takes (longer ones come back cut,
+          one byte too long, for the caller to refuse).
+
+    Returns:
+      The line source: the next line each call, then None at the end.
+
+    Resource handling:
+      Nothing to release. ``fd`` is read through a buffer that does not own
+      it (``closefd=False``), so no descriptor of ours exists to leak, on any
+      path: a read error, a cancellation or Ctrl-C, a caller that stops
+      before the end. A duplicate of ``fd`` would need closing on each, and
+      closing its buffer while a read abandoned on cancellation still blocks
+      in a worker thread waits for that read, which an idle pipe never ends.
+
+    Raises:
+      UserError: (from the line source) the read failed.
+    """
+    file = os.fdopen(fd, "rb", closefd=False)
 
     async def read_line() -> bytes | None:
         try:
@@ -120,11 +137,10 @@ def pipe_line_reader(fd: int, limit: int) -> LineSource:
             )
         except OSError as exc:
             raise UserError(f"cannot read input: {exc.strerror}") from None
-        if not line:
-            file.close()
-            return None
         if line.endswith(b"\n"):
             line = line[:-2] if line.endswith(b"\r\n") else line[:-1]
+        elif not line:
+            return None
         return line
 
     return read_line
