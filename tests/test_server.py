@@ -12,12 +12,12 @@ import pytest
 import trio
 import trio.testing
 
-from trio_upper.client import udp_session
 from trio_upper.errors import UserError
 from trio_upper.server import Endpoint, ServerConfig, UpperServer
 from trio_upper.tcp import handle_stream
 from trio_upper.transform import upper_ascii, upper_bytes
 from trio_upper.udp import MAX_PAYLOAD_IPV4, MAX_PAYLOAD_IPV6
+from trio_upper.udp_client import udp_session
 
 from .conftest import LoopbackServer, MemoryListener, receive_exactly, receive_until_eof
 

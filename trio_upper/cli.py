@@ -19,23 +19,6 @@ from collections.abc import Awaitable, Callable, Sequence
 import trio
 
 from . import __version__
-from .client import (
-    DEFAULT_CONNECT_TIMEOUT,
-    DEFAULT_HOST,
-    DEFAULT_RETRIES,
-    DEFAULT_TCP_TIMEOUT,
-    DEFAULT_UDP_TIMEOUT,
-    FdReceiveStream,
-    FdSendStream,
-    LineSource,
-    connect_tcp,
-    pipe_line_reader,
-    read_terminal_line,
-    resolve_udp,
-    tcp_interactive,
-    tcp_stream,
-    udp_session,
-)
 from .errors import UserError, leaves, plural
 from .ratelimit import DEFAULT_RATE
 from .server import (
@@ -47,7 +30,23 @@ from .server import (
     ServerConfig,
     UpperServer,
 )
+from .stdio import (
+    DEFAULT_HOST,
+    FdReceiveStream,
+    FdSendStream,
+    LineSource,
+    pipe_line_reader,
+    read_terminal_line,
+)
+from .tcp_client import (
+    DEFAULT_CONNECT_TIMEOUT,
+    DEFAULT_TCP_TIMEOUT,
+    connect_tcp,
+    tcp_interactive,
+    tcp_stream,
+)
 from .udp import MAX_PAYLOAD_IPV6
+from .udp_client import DEFAULT_RETRIES, DEFAULT_UDP_TIMEOUT, resolve_udp, udp_session
 
 __all__ = ["build_parser", "main"]
 

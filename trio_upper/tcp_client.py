@@ -1,10 +1,12 @@
-"""The two clients: TCP and UDP, with every wait for the server bounded.
+"""The TCP client: connect, then either the lecture's prompt-and-reply loop
+(:func:`tcp_interactive`) or an ``nc``-like copy of a stream
+(:func:`tcp_stream`), with every wait for the server bounded.
 
-Each client is a session function that takes its transport and its terminal
-as arguments (a :class:`trio.abc.Stream` or a datagram socket factory; a line
-reader, or a pair of byte streams), so the tests drive them over in-memory
-streams and fake sockets under a mock clock. :mod:`trio_upper.cli` plugs in
-the real network and the real stdin/stdout.
+The sessions take their transport and their terminal as arguments (a
+:class:`trio.abc.Stream`; a line reader, or a pair of byte streams), so the
+tests drive them over in-memory streams under a mock clock.
+:mod:`trio_upper.cli` plugs in the real network and
+:mod:`trio_upper.stdio`'s stdin and stdout.
 
 Every failure the user can cause or meet (refused, unreachable, DNS failure,
 timeout, server closed early) is raised as :class:`~trio_upper.errors.UserError`
@@ -18,59 +20,39 @@ import logging
 import math
 import os
 import socket
-from collections.abc import Awaitable, Callable, Sequence
-from typing import Protocol
+from collections.abc import Awaitable, Callable
 
 import trio
 
 from .errors import UserError, bare_user_error, leaves, plural
-from .udp import RECEIVE_SIZE as DATAGRAM_RECEIVE_SIZE
-from .udp import max_payload
+from .stdio import LineSource
 
 __all__ = [
     "DEFAULT_CONNECT_TIMEOUT",
-    "DEFAULT_HOST",
-    "DEFAULT_RETRIES",
     "DEFAULT_TCP_TIMEOUT",
-    "DEFAULT_UDP_TIMEOUT",
-    "PROMPT",
-    "DatagramSocket",
-    "FdReceiveStream",
-    "FdSendStream",
-    "LineSource",
+    "MAX_PENDING_REPLY",
     "connect_tcp",
-    "pipe_line_reader",
-    "read_terminal_line",
-    "resolve_udp",
     "tcp_interactive",
     "tcp_stream",
-    "udp_ask",
-    "udp_session",
 ]
 
-logger = logging.getLogger("trio_upper.client")
-
-# As in the lecture.
-DEFAULT_HOST = "localhost"
-PROMPT = "Input lowercase sentence: "
+logger = logging.getLogger("trio_upper.tcp_client")
 
 # A TCP server answers each read at once, so seconds of silence mean trouble;
 # five is generous for a slow network and short for a person waiting.
 DEFAULT_CONNECT_TIMEOUT = 5.0
 DEFAULT_TCP_TIMEOUT = 5.0
 
-# UDP loses datagrams, so a short first wait and a few retries with doubling
-# waits (1 + 2 + 4 s by default) beat one long wait.
-DEFAULT_UDP_TIMEOUT = 1.0
-DEFAULT_RETRIES = 2
-_BACKOFF = 2.0
+# The most of a reply line the interactive client holds before writing it
+# out. Without a bound, a server that never sends a newline would grow our
+# memory without end. A line typed at a terminal is short (Linux's tty line
+# buffer holds 4 KiB) and its uppercase at most 3 times longer, so 64 KiB
+# still writes the reply to a typed line in one piece.
+MAX_PENDING_REPLY = 64 * 1024
 
 # Bytes read from stdin at a time in stream mode. Together with send_all's
 # back-pressure this bounds the client's memory for inputs of any size.
 _CHUNK = 65536
-
-# A line source returns the next line without its line ending, or None at EOF.
-LineSource = Callable[[], Awaitable[bytes | None]]
 
 
 def _reason(exc: OSError) -> str:
@@ -138,11 +120,12 @@ class _LineCount:
         return self.newlines == request.newlines and self.open_line >= request.open_line
 
 
-async def _receive(stream: trio.abc.ReceiveStream) -> bytes:
-    """One read from the server; a reset connection reads as end of stream,
-    so that the caller reports what was and was not answered."""
+async def _receive(stream: trio.abc.ReceiveStream, max_bytes: int | None = None) -> bytes:
+    """One read from the server, of at most ``max_bytes``; a reset connection
+    reads as end of stream, so that the caller reports what was and was not
+    answered."""
     try:
-        return bytes(await stream.receive_some())
+        return bytes(await stream.receive_some(max_bytes))
     except trio.BrokenResourceError as exc:
         logger.debug("connection lost: %s", exc.__cause__ or exc)
         return b""
@@ -167,6 +150,62 @@ async def _send(stream: trio.abc.SendStream, data: bytes, timeout: float) -> boo
     return True
 
 
+class _ReplyLines:
+    """The server's replies, cut into lines for :func:`tcp_interactive`,
+    holding at most :data:`MAX_PENDING_REPLY` bytes of them."""
+
+    def __init__(
+        self,
+        stream: trio.abc.ReceiveStream,
+        write: Callable[[bytes], Awaitable[object]],
+        timeout: float,
+    ) -> None:
+        self.stream, self.write, self.timeout = stream, write, timeout
+        # Received and not yet written: the start of the next reply line, and
+        # whatever a server sent ahead of it. Never longer than the bound.
+        self.pending = bytearray()
+
+    async def _write_out(self, size: int) -> None:
+        """Write the first ``size`` pending bytes, and forget them."""
+        if size:
+            data = bytes(self.pending[:size])
+            del self.pending[:size]
+            await self.write(data)
+
+    async def relay(self) -> bool:
+        """Write the next reply line; return True if it ended with its
+        newline, False if the server closed the connection first.
+
+        Raises:
+          UserError: the newline did not come within ``timeout``.
+
+        Whatever did come of the line is written in every case.
+        """
+        deadline = trio.current_time() + self.timeout
+        searched = 0  # self.pending[:searched] has no newline
+        while (newline := self.pending.find(b"\n", searched)) < 0:
+            if len(self.pending) >= MAX_PENDING_REPLY:
+                # Full without a newline: the user gets it now. Time spent
+                # writing is ours (a slow terminal), not the server's.
+                writing = trio.current_time()
+                await self._write_out(len(self.pending))
+                deadline += trio.current_time() - writing
+            searched = len(self.pending)
+            data = b""
+            with trio.move_on_at(deadline) as waiting:
+                # Never more than fills the bound, so it is never passed.
+                data = await _receive(self.stream, MAX_PENDING_REPLY - len(self.pending))
+            if waiting.cancelled_caught:
+                await self._write_out(len(self.pending))
+                raise _unresponsive(self.timeout)
+            if not data:
+                await self._write_out(len(self.pending))
+                return False
+            self.pending += data
+        await self._write_out(newline + 1)
+        return True
+
+
 async def tcp_interactive(
     stream: trio.abc.Stream,
     read_line: LineSource,
@@ -177,6 +216,22 @@ async def tcp_interactive(
     """The lecture's TCPClient, repeated: for each line, send it with a
     newline, wait for the reply line, and write it.
 
+    A reply line is written in one piece unless it grows past
+    :data:`MAX_PENDING_REPLY` bytes without a newline; then each full
+    :data:`MAX_PENDING_REPLY` bytes are written as they arrive, and the rest
+    with the newline. Every byte is written, in order, and memory stays
+    bounded whatever the server sends.
+
+    Args:
+      stream: The connection to the server.
+      read_line: The next line to send, without its line ending, or None to
+          end the session.
+      write: Where the replies go (stdout), newlines included.
+      timeout: The longest each send may take, and the longest from the end
+          of a send to the newline ending its reply line, however many
+          pieces that reply is written in. Time spent in ``write`` does not
+          count: a slow output is not a slow server.
+
     Returns:
       The number of lines answered.
 
@@ -184,24 +239,18 @@ async def tcp_interactive(
       ``stream`` is closed on return.
 
     Raises:
-      UserError: no reply within ``timeout`` seconds, or the server closed the
-          connection before answering a line (its partial reply, if any, is
-          written first).
+      UserError: no reply line within ``timeout`` seconds (a server that
+          sends endlessly without a newline included), or the server closed
+          the connection before answering a line. What did come of the reply
+          is written first in both cases.
     """
     answered = 0
-    pending = b""
+    replies = _ReplyLines(stream, write, timeout)
     async with stream:
         while (line := await read_line()) is not None:
             sent = await _send(stream, line + b"\n", timeout)
-            with trio.move_on_after(timeout) as waiting:
-                while b"\n" not in pending and (data := await _receive(stream)):
-                    pending += data
-            if waiting.cancelled_caught:
-                raise _unresponsive(timeout)
-            reply, newline, pending = pending.partition(b"\n")
-            if reply or newline:
-                await write(reply + newline)
-            if not (sent and newline):
+            complete = await replies.relay()
+            if not (sent and complete):
                 raise UserError(
                     "the server closed the connection; "
                     f"{plural(answered, 'line')} answered, the last line was not"
@@ -346,233 +395,3 @@ async def tcp_stream(
                 await copy.pump_done.wait()
             nursery.cancel_scope.cancel()
     copy.check_complete()
-
-
-# --- UDP ---------------------------------------------------------------------
-
-
-class DatagramSocket(Protocol):
-    """The part of :class:`trio.socket.SocketType` the UDP client uses, so
-    tests can hand it a fake network."""
-
-    def connect(self, address: tuple[object, ...], /) -> Awaitable[None]: ...
-    def send(self, data: bytes, /) -> Awaitable[int]: ...
-    def recv(self, bufsize: int, /) -> Awaitable[bytes]: ...
-    def close(self) -> None: ...
-
-
-# Makes a new UDP socket for an address family.
-SocketFactory = Callable[[int], DatagramSocket]
-
-
-def _udp_socket(family: int) -> DatagramSocket:
-    return trio.socket.socket(family, socket.SOCK_DGRAM)
-
-
-Address = tuple[int, tuple[object, ...]]  # (family, sockaddr)
-
-
-async def resolve_udp(host: str, port: int) -> list[Address]:
-    """The addresses to try for ``host``, in the resolver's order.
-
-    Raises:
-      UserError: the name does not resolve.
-    """
-    try:
-        infos = await trio.socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
-    except (socket.gaierror, UnicodeError) as exc:
-        raise UserError.unresolvable(host, exc) from None
-    return [(family, sockaddr) for family, _, _, _, sockaddr in infos]
-
-
-async def udp_ask(
-    sock: DatagramSocket, request: bytes, *, timeout: float, retries: int
-) -> bytes | None:
-    """Send ``request`` on a connected socket and return the first reply.
-
-    Try ``retries + 1`` times, waiting ``timeout`` seconds after the first
-    send and twice as long after each retry.
-
-    Returns:
-      The reply, or None if no try got one.
-
-    Raises:
-      ConnectionRefusedError: the OS reported that nothing listens there (an
-          ICMP port unreachable), which makes waiting pointless.
-    """
-    for attempt in range(retries + 1):
-        await sock.send(request)
-        with trio.move_on_after(timeout * _BACKOFF**attempt):
-            return await sock.recv(DATAGRAM_RECEIVE_SIZE)
-        logger.debug("no reply to try %d", attempt + 1)
-    return None
-
-
-def _total_wait(timeout: float, retries: int) -> float:
-    return math.fsum(timeout * _BACKOFF**attempt for attempt in range(retries + 1))
-
-
-async def udp_session(
-    addresses: Sequence[Address],
-    read_line: LineSource,
-    write: Callable[[bytes], Awaitable[object]],
-    *,
-    where: str,
-    timeout: float = DEFAULT_UDP_TIMEOUT,
-    retries: int = DEFAULT_RETRIES,
-    new_socket: SocketFactory = _udp_socket,
-) -> int:
-    """The lecture's UDPClient, repeated: each line is one datagram, and each
-    reply is written followed by a newline.
-
-    Every line gets a fresh socket, so a late reply to an earlier line, which
-    arrives at the earlier socket's port, can never be taken for the answer to
-    a later one. Addresses are tried in order (``localhost`` is often ``::1``
-    first, and the server may be IPv4 only); the first that does not refuse is
-    kept for the lines after.
-
-    Args:
-      addresses: From :func:`resolve_udp`.
-      read_line: The next line without its line ending, or None at the end.
-      write: Where each reply (plus a newline) goes.
-      where: ``"HOST port PORT"``, for messages.
-      timeout: Seconds to wait for the first try's reply; see :func:`udp_ask`.
-      retries: Tries after the first before giving up on a line.
-      new_socket: Makes the socket for each line (the tests pass fakes).
-
-    Returns:
-      The number of lines answered.
-
-    Raises:
-      UserError: a line too long for one datagram, no server (refused), or no
-          reply after every retry.
-    """
-    candidates = list(addresses)
-    answered = 0
-    while (line := await read_line()) is not None:
-        reply: bytes | None = None
-        failures: list[OSError] = []
-        for family, sockaddr in list(candidates):
-            if len(line) > max_payload(family):
-                raise UserError(
-                    f"line {answered + 1} is longer than one datagram can carry "
-                    f"({max_payload(family)} bytes)"
-                )
-            sock = new_socket(family)
-            try:
-                await sock.connect(sockaddr)
-                reply = await udp_ask(sock, line, timeout=timeout, retries=retries)
-            except OSError as exc:
-                # Refused (ICMP port unreachable) or unreachable: nothing
-                # answers there, so try the next address and drop this one.
-                logger.debug("%s: %s; trying the next address", sockaddr, exc)
-                failures.append(exc)
-                candidates.remove((family, sockaddr))
-                continue
-            finally:
-                sock.close()
-            if reply is None:
-                raise UserError(
-                    f"no reply from {where} after {plural(retries + 1, 'try', 'tries')} "
-                    f"over {_total_wait(timeout, retries):g} s"
-                )
-            break
-        if reply is None:
-            if failures and all(isinstance(e, ConnectionRefusedError) for e in failures):
-                raise UserError(f"no UDP server at {where}: connection refused")
-            reason = _reason(failures[-1]) if failures else "no address to try"
-            raise UserError(f"cannot reach {where}: {reason}")
-        await write(reply + b"\n")
-        answered += 1
-    return answered
-
-
-# --- Local input and output ---------------------------------------------------
-
-
-class FdReceiveStream(trio.abc.ReceiveStream):
-    """Reads a file descriptor (stdin) in a worker thread.
-
-    A thread, unlike :class:`trio.lowlevel.FdStream`, works for regular files
-    as well as pipes and terminals. A read blocked on an idle pipe is
-    abandoned on cancellation, so the client can always exit.
-    """
-
-    def __init__(self, fd: int) -> None:
-        self._fd = fd
-
-    async def receive_some(self, max_bytes: int | None = None) -> bytes:
-        try:
-            return await trio.to_thread.run_sync(
-                os.read, self._fd, max_bytes or _CHUNK, abandon_on_cancel=True
-            )
-        except OSError as exc:
-            raise UserError(f"cannot read input: {exc.strerror}") from None
-
-    async def aclose(self) -> None:
-        await trio.lowlevel.checkpoint()
-
-
-class FdSendStream(trio.abc.SendStream):
-    """Writes a file descriptor (stdout) in a worker thread, all of each
-    chunk, so a slow reader of our output slows us down instead of filling
-    memory."""
-
-    def __init__(self, fd: int) -> None:
-        self._fd = fd
-
-    def _write_all(self, data: bytes) -> None:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(self._fd, view) :]
-
-    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        try:
-            await trio.to_thread.run_sync(self._write_all, bytes(data))
-        except OSError as exc:
-            raise UserError(f"cannot write output: {exc.strerror}") from None
-
-    async def wait_send_all_might_not_block(self) -> None:
-        await trio.lowlevel.checkpoint()
-
-    async def aclose(self) -> None:
-        await trio.lowlevel.checkpoint()
-
-
-async def read_terminal_line() -> bytes | None:
-    """Prompt on the terminal, as the lecture does; None at Ctrl-D."""
-
-    def ask() -> bytes | None:
-        try:
-            return input(PROMPT).encode("utf-8", "surrogateescape")
-        except EOFError:
-            print()  # Ctrl-D leaves the cursor after the prompt
-            return None
-
-    return await trio.to_thread.run_sync(ask, abandon_on_cancel=True)
-
-
-def pipe_line_reader(fd: int, limit: int) -> LineSource:
-    """A line source over a pipe or file: lines without their ending (``\\n``
-    or ``\\r\\n``). Reads at most ``limit + 2`` bytes per line, so an endless
-    line cannot fill memory; a longer line comes back cut at that size.
-
-    It reads a duplicate of ``fd`` (buffered), closed at the end of input;
-    ``fd`` itself is left open."""
-    file = os.fdopen(os.dup(fd), "rb")
-
-    async def read_line() -> bytes | None:
-        try:
-            line: bytes = await trio.to_thread.run_sync(
-                file.readline, limit + 2, abandon_on_cancel=True
-            )
-        except OSError as exc:
-            raise UserError(f"cannot read input: {exc.strerror}") from None
-        if not line:
-            file.close()
-            return None
-        if line.endswith(b"\n"):
-            line = line[:-2] if line.endswith(b"\r\n") else line[:-1]
-        return line
-
-    return read_line

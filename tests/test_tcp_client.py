@@ -1,57 +1,25 @@
-"""The client sessions of trio_upper.client, without a network: TCP over
-in-memory streams, UDP over a fake datagram network, all waits on the mock
-clock (autojump_clock), never in real time."""
+"""The TCP client's sessions without a network: tcp_interactive and
+tcp_stream over in-memory streams, every wait on the mock clock
+(autojump_clock), never in real time."""
 
 from __future__ import annotations
 
-import errno
-import fcntl
-import os
-import resource
-import socket
-from collections.abc import Awaitable, Callable
+import contextlib
+import tracemalloc
 
 import pytest
 import trio
 import trio.testing
 
-from trio_upper.client import (
-    FdReceiveStream,
-    FdSendStream,
-    LineSource,
-    connect_tcp,
-    tcp_interactive,
-    tcp_stream,
-    udp_ask,
-    udp_session,
-)
 from trio_upper.errors import UserError
 from trio_upper.tcp import handle_stream
+from trio_upper.tcp_client import MAX_PENDING_REPLY, connect_tcp, tcp_interactive, tcp_stream
 from trio_upper.transform import upper_bytes
-from trio_upper.udp import MAX_PAYLOAD_IPV4
 
+from .client_io import collector, line_source
 from .conftest import receive_until_eof
 
 # --- Helpers ------------------------------------------------------------------
-
-
-def line_source(lines: list[bytes]) -> LineSource:
-    """A list-backed read_line: each line in turn, then None."""
-    pending = iter(lines)
-
-    async def read_line() -> bytes | None:
-        await trio.lowlevel.checkpoint()
-        return next(pending, None)
-
-    return read_line
-
-
-def collector(out: list[bytes]) -> Callable[[bytes], Awaitable[None]]:
-    async def write(data: bytes) -> None:
-        await trio.lowlevel.checkpoint()
-        out.append(data)
-
-    return write
 
 
 class BytesSource(trio.abc.ReceiveStream):
@@ -192,6 +160,195 @@ async def test_interactive_partial_reply_is_written_before_the_error() -> None:
         with pytest.raises(UserError, match=r"0 lines answered, the last line was not"):
             await tcp_interactive(client, line_source([b"second"]), collector(out))
     assert out == [b"SEC"]
+
+
+async def test_interactive_reply_sent_ahead_is_kept_for_the_next_line() -> None:
+    client, server = trio.testing.memory_stream_pair()
+    out: list[bytes] = []
+
+    async def eager(stream: trio.abc.Stream) -> None:
+        # Both replies at once, in answer to the first line.
+        async with stream:
+            await stream.receive_some()
+            await stream.send_all(b"ONE\nTWO\n")
+            await receive_until_eof(stream)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(eager, server)
+        answered = await tcp_interactive(client, line_source([b"one", b"two"]), collector(out))
+    assert answered == 2
+    assert out == [b"ONE\n", b"TWO\n"]
+
+
+# --- tcp_interactive: reply lines longer than it holds --------------------------
+
+# Printable ASCII without a newline, repeated: the content of an endless line.
+PATTERN = bytes(range(ord("!"), ord("~") + 1))
+
+# How much a test server sends at a time: small, and no divisor of the bound,
+# so that deliveries straddle it.
+SMALL_CHUNK = 1000
+
+
+def pattern(offset: int, size: int) -> bytes:
+    """``size`` bytes of the endless line from ``offset``."""
+    start = offset % len(PATTERN)
+    return (PATTERN * ((start + size) // len(PATTERN) + 1))[start : start + size]
+
+
+class CountingStream(trio.abc.Stream):
+    """A client's connection that counts the bytes the client took from it."""
+
+    def __init__(self, inner: trio.abc.Stream) -> None:
+        self.inner = inner
+        self.received = 0
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self.inner.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.inner.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        data = await self.inner.receive_some(max_bytes)
+        self.received += len(data)
+        return data
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+class EndlessLineOutput:
+    """A write callback for the endless line that keeps none of it: it checks
+    that each write carries on the line exactly, and counts."""
+
+    def __init__(self) -> None:
+        self.size = 0
+        self.largest = 0
+
+    async def write(self, data: bytes) -> None:
+        await trio.lowlevel.checkpoint()
+        assert data == pattern(self.size, len(data))
+        self.size += len(data)
+        self.largest = max(self.largest, len(data))
+
+
+async def test_interactive_reply_of_megabytes_is_written_whole_in_bounded_pieces(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # Lockstep: each of the server's small sends reaches the client as such.
+    client, server = trio.testing.lockstep_stream_pair()
+    long_reply = pattern(0, 3 * 1024 * 1024 + 123)
+    out: list[bytes] = []
+
+    async def long_then_short(stream: trio.abc.Stream) -> None:
+        async with stream:
+            assert await stream.receive_some() == b"long\n"
+            for start in range(0, len(long_reply), SMALL_CHUNK):
+                await stream.send_all(long_reply[start : start + SMALL_CHUNK])
+            await stream.send_all(b"\n")
+            assert await stream.receive_some() == b"short\n"
+            await stream.send_all(b"SHORT\n")
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(long_then_short, server)
+        answered = await tcp_interactive(
+            client, line_source([b"long", b"short"]), collector(out), timeout=5
+        )
+    assert answered == 2
+    assert b"".join(out) == long_reply + b"\n" + b"SHORT\n"
+    # Each full bound written as it came, the rest with the newline; a short
+    # reply still in one piece.
+    full, rest = divmod(len(long_reply), MAX_PENDING_REPLY)
+    assert [len(piece) for piece in out] == [MAX_PENDING_REPLY] * full + [rest + 1, 6]
+
+
+async def test_interactive_endless_reply_without_newline_times_out_in_bounded_memory(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    client, server = trio.testing.lockstep_stream_pair()
+    counted = CountingStream(client)
+    output = EndlessLineOutput()
+
+    async def endless(stream: trio.abc.Stream) -> None:
+        # It stops only when the client hangs up.
+        with contextlib.suppress(trio.BrokenResourceError):
+            await stream.receive_some()
+            sent = 0
+            while True:
+                await stream.send_all(pattern(sent, SMALL_CHUNK))
+                sent += SMALL_CHUNK
+                await trio.sleep(0.001)
+
+    tracemalloc.start()
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(endless, server)
+            start = trio.current_time()
+            with pytest.raises(UserError, match=unresponsive("5")):
+                await tcp_interactive(counted, line_source([b"hello"]), output.write, timeout=5)
+            # The line's timeout bounds the wait, however much keeps coming.
+            assert trio.current_time() - start == pytest.approx(5)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert counted.received > 50 * MAX_PENDING_REPLY
+    # Every byte that came was written, in pieces no larger than the bound...
+    assert output.size == counted.received
+    assert output.largest <= MAX_PENDING_REPLY
+    # ...and memory stayed at a few times the bound (the reply and its copies
+    # on the way out, the test's checks), not the 76 times that came.
+    assert peak < 16 * MAX_PENDING_REPLY, peak
+
+
+async def test_interactive_long_partial_reply_then_close(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    client, server = trio.testing.lockstep_stream_pair()
+    partial = pattern(0, 5 * MAX_PENDING_REPLY + 7)
+    out: list[bytes] = []
+
+    async def cut_short(stream: trio.abc.Stream) -> None:
+        async with stream:
+            await stream.receive_some()
+            for start in range(0, len(partial), SMALL_CHUNK):
+                await stream.send_all(partial[start : start + SMALL_CHUNK])
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(cut_short, server)
+        with pytest.raises(
+            UserError,
+            match=r"^the server closed the connection; 0 lines answered, the last line was not$",
+        ):
+            await tcp_interactive(client, line_source([b"hello"]), collector(out), timeout=5)
+    assert b"".join(out) == partial
+    assert max(len(piece) for piece in out) <= MAX_PENDING_REPLY
+
+
+async def test_interactive_slow_output_of_a_long_reply_is_not_a_server_timeout(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # Writing a piece of a long reply takes a minute (a terminal paused with
+    # Ctrl-S); the server, done in no time, must not be blamed for it.
+    client, server = trio.testing.lockstep_stream_pair()
+    long_reply = pattern(0, 3 * MAX_PENDING_REPLY) + b"\n"
+    out: list[bytes] = []
+
+    async def slow_write(data: bytes) -> None:
+        await trio.sleep(60)
+        out.append(data)
+
+    async def long_line(stream: trio.abc.Stream) -> None:
+        async with stream:
+            await stream.receive_some()
+            await stream.send_all(long_reply)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(long_line, server)
+        answered = await tcp_interactive(client, line_source([b"hello"]), slow_write, timeout=5)
+    assert answered == 1
+    assert b"".join(out) == long_reply
+    assert len(out) > 1
 
 
 # --- tcp_stream ---------------------------------------------------------------
@@ -460,338 +617,6 @@ async def test_stream_reply_cut_inside_a_line_is_an_error(data: bytes, read_size
     assert bytes(sink.data) == data[:read_size].upper()
 
 
-# --- UDP: a fake network --------------------------------------------------------
-
-V6 = (socket.AF_INET6, ("::1", 12000, 0, 0))
-V4 = (socket.AF_INET, ("127.0.0.1", 12000))
-WHERE = "localhost port 12000"
-
-
-class FakeNetwork:
-    """A UDP server reachable at some addresses, through a lossy, slow network.
-
-    ``delay(n, data)`` decides the fate of the ``n``-th datagram sent (from 0,
-    over all sockets): None drops it, a number of seconds delays its reply.
-    Replies go back to the socket that sent the request, and are lost if that
-    socket was closed meanwhile, as on a real network. Sending to an address in
-    ``refused`` makes the socket's next recv raise ConnectionRefusedError (the
-    ICMP port unreachable), as Linux does for connected UDP sockets.
-    """
-
-    def __init__(
-        self,
-        nursery: trio.Nursery,
-        *,
-        delay: Callable[[int, bytes], float | None] = lambda n, data: 0.0,
-        refused: tuple[object, ...] = (),
-        connect_error: dict[object, OSError] | None = None,
-    ) -> None:
-        self.nursery = nursery
-        self.delay = delay
-        self.refused = refused
-        self.connect_error = connect_error or {}
-        self.sockets: list[FakeSocket] = []
-        self.sends: list[tuple[object, bytes]] = []
-
-    def socket(self, family: int) -> FakeSocket:
-        sock = FakeSocket(self, family)
-        self.sockets.append(sock)
-        return sock
-
-    @property
-    def connects(self) -> list[object]:
-        return [sock.address for sock in self.sockets]
-
-
-class FakeSocket:
-    """Implements the client's DatagramSocket protocol on a FakeNetwork."""
-
-    def __init__(self, network: FakeNetwork, family: int) -> None:
-        self.network = network
-        self.family = family
-        self.address: object = None
-        self.closed = False
-        self.refused = False
-        self._send, self._receive = trio.open_memory_channel[bytes](100)
-
-    async def connect(self, address: tuple[object, ...], /) -> None:
-        await trio.lowlevel.checkpoint()
-        self.address = address
-        if address in self.network.connect_error:
-            raise self.network.connect_error[address]
-
-    async def send(self, data: bytes, /) -> int:
-        await trio.lowlevel.checkpoint()
-        assert not self.closed
-        n = len(self.network.sends)
-        self.network.sends.append((self.address, data))
-        if self.address in self.network.refused:
-            self.refused = True
-            return len(data)
-        delay = self.network.delay(n, data)
-        if delay is not None:
-            self.network.nursery.start_soon(self._deliver, upper_bytes(data), delay)
-        return len(data)
-
-    async def _deliver(self, reply: bytes, delay: float) -> None:
-        await trio.sleep(delay)
-        if not self.closed:
-            self._send.send_nowait(reply)
-
-    async def recv(self, bufsize: int, /) -> bytes:
-        assert not self.closed
-        if self.refused:
-            await trio.lowlevel.checkpoint()
-            raise ConnectionRefusedError(errno.ECONNREFUSED, "Connection refused")
-        data = await self._receive.receive()
-        assert len(data) <= bufsize
-        return data
-
-    def close(self) -> None:
-        self.closed = True
-
-
-async def test_udp_ask_retries_after_lost_datagrams(
-    autojump_clock: trio.testing.MockClock,
-) -> None:
-    async with trio.open_nursery() as nursery:
-        net = FakeNetwork(nursery, delay=lambda n, data: None if n < 2 else 0.0)
-        sock = net.socket(socket.AF_INET)
-        await sock.connect(V4[1])
-        start = trio.current_time()
-        reply = await udp_ask(sock, b"hello", timeout=1.0, retries=2)
-        assert trio.current_time() - start == pytest.approx(1.0 + 2.0)  # waits 1 s, then 2 s
-    assert reply == b"HELLO"
-    assert len(net.sends) == 3
-
-
-async def test_udp_ask_gives_up_after_every_try(
-    autojump_clock: trio.testing.MockClock,
-) -> None:
-    async with trio.open_nursery() as nursery:
-        net = FakeNetwork(nursery, delay=lambda n, data: None)
-        sock = net.socket(socket.AF_INET)
-        await sock.connect(V4[1])
-        start = trio.current_time()
-        reply = await udp_ask(sock, b"hello", timeout=0.5, retries=3)
-        assert trio.current_time() - start == pytest.approx(0.5 + 1 + 2 + 4)
-    assert reply is None
-    assert len(net.sends) == 4
-
-
-async def test_udp_ask_raises_connection_refused(
-    autojump_clock: trio.testing.MockClock,
-) -> None:
-    async with trio.open_nursery() as nursery:
-        net = FakeNetwork(nursery, refused=(V4[1],))
-        sock = net.socket(socket.AF_INET)
-        await sock.connect(V4[1])
-        with pytest.raises(ConnectionRefusedError):
-            await udp_ask(sock, b"hello", timeout=1.0, retries=2)
-    assert len(net.sends) == 1
-
-
-async def test_udp_session_lines_and_replies(autojump_clock: trio.testing.MockClock) -> None:
-    out: list[bytes] = []
-    async with trio.open_nursery() as nursery:
-        net = FakeNetwork(nursery)
-        answered = await udp_session(
-            [V4],
-            line_source([b"hello", "straße".encode(), b""]),
-            collector(out),
-            where=WHERE,
-            new_socket=net.socket,
-        )
-    assert answered == 3
-    assert out == [b"HELLO\n", b"STRASSE\n", b"\n"]
-    # A fresh socket for every line, each closed afterwards.
-    assert len(net.sockets) == 3
-    assert all(sock.closed for sock in net.sockets)
-
-
-async def test_udp_session_reply_arrives_after_retries(
-    autojump_clock: trio.testing.MockClock,
-) -> None:
-    out: list[bytes] = []
-    async with trio.open_nursery() as nursery:
-        net = FakeNetwork(nursery, delay=lambda n, data: None if n < 2 else 0.0)
-        answered = await udp_session(
-            [V4], line_source([b"hello"]), collector(out), where=WHERE, new_socket=net.socket
-        )
-    assert answered == 1
-    assert out == [b"HELLO\n"]
-    assert [data for _, data in net.sends] == [b"hello"] * 3
-
-
-async def test_udp_session_no_reply_after_all_tries(
-    autojump_clock: trio.testing.MockClock,
-) -> None:
-    out: list[bytes] = []
-    async with trio.open_nursery() as nursery:
-        net = FakeNetwork(nursery, delay=lambda n, data: None)
-        start = trio.current_time()
-        # The spelling of "tries" is checked in the test below.
-        with pytest.raises(
-            UserError, match=r"^no reply from localhost port 12000 after 3 tr\w+ over 7 s$"
-        ):
-            await udp_session(
-                [V4], line_source([b"hello"]), collector(out), where=WHERE, new_socket=net.socket
-            )
-        assert trio.current_time() - start == pytest.approx(7.0)
-    assert out == []
-    assert len(net.sends) == 3
-    assert all(sock.closed for sock in net.sockets)
-
-
-@pytest.mark.parametrize(
-    ("retries", "expected"),
-    [
-        (0, "after 1 try over 1 s"),
-        (2, "after 3 tries over 7 s"),
-    ],
-)
-async def test_udp_session_no_reply_message_counts_tries(
-    autojump_clock: trio.testing.MockClock, retries: int, expected: str
-) -> None:
-    async with trio.open_nursery() as nursery:
-        net = FakeNetwork(nursery, delay=lambda n, data: None)
-        with pytest.raises(UserError) as caught:
-            await udp_session(
-                [V4],
-                line_source([b"hello"]),
-                collector([]),
-                where=WHERE,
-                retries=retries,
-                new_socket=net.socket,
-            )
-    assert str(caught.value) == f"no reply from localhost port 12000 {expected}"
-    assert len(net.sends) == retries + 1
-
-
-async def test_udp_session_falls_back_to_the_address_that_answers(
-    autojump_clock: trio.testing.MockClock,
-) -> None:
-    out: list[bytes] = []
-    async with trio.open_nursery() as nursery:
-        net = FakeNetwork(nursery, refused=(V6[1],))
-        answered = await udp_session(
-            [V6, V4],
-            line_source([b"one", b"two", b"three"]),
-            collector(out),
-            where=WHERE,
-            new_socket=net.socket,
-        )
-    assert answered == 3
-    assert out == [b"ONE\n", b"TWO\n", b"THREE\n"]
-    # ::1 refused once; every later line goes straight to 127.0.0.1.
-    assert net.connects == [V6[1], V4[1], V4[1], V4[1]]
-    assert [sock.family for sock in net.sockets] == [
-        socket.AF_INET6,
-        socket.AF_INET,
-        socket.AF_INET,
-        socket.AF_INET,
-    ]
-    assert all(sock.closed for sock in net.sockets)
-
-
-async def test_udp_session_every_address_refuses(
-    autojump_clock: trio.testing.MockClock,
-) -> None:
-    out: list[bytes] = []
-    async with trio.open_nursery() as nursery:
-        net = FakeNetwork(nursery, refused=(V6[1], V4[1]))
-        start = trio.current_time()
-        with pytest.raises(
-            UserError, match=r"^no UDP server at localhost port 12000: connection refused$"
-        ):
-            await udp_session(
-                [V6, V4],
-                line_source([b"hello"]),
-                collector(out),
-                where=WHERE,
-                new_socket=net.socket,
-            )
-        assert trio.current_time() == start  # no waiting for a refused address
-    assert out == []
-    assert net.connects == [V6[1], V4[1]]
-
-
-async def test_udp_session_unreachable_address_is_reported(
-    autojump_clock: trio.testing.MockClock,
-) -> None:
-    out: list[bytes] = []
-    unreachable = OSError(errno.ENETUNREACH, "Network is unreachable")
-    async with trio.open_nursery() as nursery:
-        net = FakeNetwork(nursery, connect_error={V4[1]: unreachable})
-        with pytest.raises(
-            UserError, match=r"^cannot reach localhost port 12000: Network is unreachable$"
-        ):
-            await udp_session(
-                [V4], line_source([b"hello"]), collector(out), where=WHERE, new_socket=net.socket
-            )
-    assert out == []
-    assert all(sock.closed for sock in net.sockets)
-
-
-async def test_udp_session_late_reply_is_never_taken_for_the_next_line(
-    autojump_clock: trio.testing.MockClock,
-) -> None:
-    # Line 1's first datagram is answered after 1.5 s: after its 1 s timeout,
-    # so the retry (answered at once) gives line 1 its reply at t=1.1. The
-    # late reply then lands at t=1.5, while line 2, whose answer takes 0.5 s,
-    # is waiting. On a shared socket line 2 would print "FIRST".
-    delays = {0: 1.5, 1: 0.1, 2: 0.5}
-    out: list[bytes] = []
-    async with trio.open_nursery() as nursery:
-        net = FakeNetwork(nursery, delay=lambda n, data: delays.get(n, 0.0))
-        answered = await udp_session(
-            [V4],
-            line_source([b"first", b"second", b"third"]),
-            collector(out),
-            where=WHERE,
-            timeout=1.0,
-            new_socket=net.socket,
-        )
-    assert answered == 3
-    assert out == [b"FIRST\n", b"SECOND\n", b"THIRD\n"]
-    assert [data for _, data in net.sends] == [b"first", b"first", b"second", b"third"]
-
-
-async def test_udp_session_line_too_long_for_a_datagram(
-    autojump_clock: trio.testing.MockClock,
-) -> None:
-    out: list[bytes] = []
-    longest = b"a" * MAX_PAYLOAD_IPV4
-    async with trio.open_nursery() as nursery:
-        net = FakeNetwork(nursery)
-        with pytest.raises(
-            UserError,
-            match=r"^line 2 is longer than one datagram can carry \(65507 bytes\)$",
-        ):
-            await udp_session(
-                [V4],
-                line_source([longest, longest + b"a"]),
-                collector(out),
-                where=WHERE,
-                new_socket=net.socket,
-            )
-    # The longest line that fits went out and came back; the next never left.
-    assert out == [longest.upper() + b"\n"]
-    assert [len(data) for _, data in net.sends] == [MAX_PAYLOAD_IPV4]
-
-
-async def test_udp_session_without_addresses(autojump_clock: trio.testing.MockClock) -> None:
-    async with trio.open_nursery() as nursery:
-        net = FakeNetwork(nursery)
-        with pytest.raises(
-            UserError, match=r"^cannot reach localhost port 12000: no address to try$"
-        ):
-            await udp_session(
-                [], line_source([b"x"]), collector([]), where=WHERE, new_socket=net.socket
-            )
-    assert net.sends == []
-
-
 # --- Connecting -------------------------------------------------------------------
 
 
@@ -803,45 +628,10 @@ async def test_connect_timeout_is_a_user_error(
         raise AssertionError("unreachable")
 
     # Patched where connect_tcp looks it up: no real traffic happens.
-    monkeypatch.setattr("trio_upper.client.trio.open_tcp_stream", never_connects)
+    monkeypatch.setattr("trio_upper.tcp_client.trio.open_tcp_stream", never_connects)
     start = trio.current_time()
     with pytest.raises(
         UserError, match=r"^timed out after 5 s connecting to example\.invalid port 12000$"
     ):
         await connect_tcp("example.invalid", 12000, timeout=5.0)  # the CLI passes floats
     assert trio.current_time() - start == pytest.approx(5)
-
-
-# --- Local input and output -----------------------------------------------------------
-
-
-async def test_writing_to_a_broken_pipe_is_a_user_error() -> None:
-    read_end, write_end = os.pipe()
-    os.close(read_end)
-    try:
-        # Python ignores SIGPIPE, so the write fails with EPIPE.
-        with pytest.raises(UserError, match=r"^cannot write output: Broken pipe$"):
-            await FdSendStream(write_end).send_all(b"lost")
-    finally:
-        os.close(write_end)
-
-
-def closed_fd() -> int:
-    """A file descriptor number that is closed, and high enough that nothing
-    the test process opens meanwhile takes it (the OS hands out the lowest
-    free number)."""
-    soft_limit, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    fd = os.open(os.devnull, os.O_RDONLY)
-    try:
-        high = fcntl.fcntl(fd, fcntl.F_DUPFD, min(1000, soft_limit - 1))
-    finally:
-        os.close(fd)
-    os.close(high)
-    return high
-
-
-async def test_reading_a_closed_fd_is_a_user_error() -> None:
-    fd = closed_fd()
-    with pytest.raises(UserError, match=r"^cannot read input: ") as caught:
-        await FdReceiveStream(fd).receive_some()
-    assert str(caught.value) == "cannot read input: Bad file descriptor"
