@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import sys
 from collections.abc import Iterator
 
@@ -15,7 +16,15 @@ import trio
 if sys.version_info < (3, 11):  # pragma: no cover - trio installs the backport
     from exceptiongroup import BaseExceptionGroup
 
-__all__ = ["Episode", "UserError", "bare_user_error", "host_port", "leaves", "plural"]
+__all__ = [
+    "Episode",
+    "UserError",
+    "bare_user_error",
+    "host_port",
+    "leaves",
+    "os_reason",
+    "plural",
+]
 
 
 class UserError(Exception):
@@ -42,6 +51,21 @@ def host_port(host: str, port: int) -> str:
 def plural(n: int, word: str, plural_form: str | None = None) -> str:
     """``1 line``, ``2 lines``, ``3 tries``: counts in messages read as English."""
     return f"{n} {word}" if n == 1 else f"{n} {plural_form or word + 's'}"
+
+
+def os_reason(exc: OSError) -> str:
+    """The plain reason inside an OSError ("Connection refused"), digging
+    through trio's "all attempts to connect failed" wrapper to the errors of
+    each attempt."""
+    if exc.__cause__ is not None:
+        reasons = [os_reason(e) for e in leaves(exc.__cause__) if isinstance(e, OSError)]
+        if reasons:
+            return "; ".join(dict.fromkeys(reasons))
+    if exc.errno is not None:
+        # trio's per-attempt errors carry the address in strerror; os.strerror
+        # gives the bare reason.
+        return os.strerror(exc.errno)
+    return exc.strerror or str(exc)
 
 
 def leaves(exc: BaseException) -> list[BaseException]:

@@ -18,13 +18,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import os
 import socket
 from collections.abc import Awaitable, Callable
 
 import trio
 
-from .errors import UserError, bare_user_error, leaves, plural
+from .errors import UserError, bare_user_error, os_reason, plural
 from .stdio import LineSource
 
 __all__ = [
@@ -55,20 +54,6 @@ MAX_PENDING_REPLY = 64 * 1024
 _CHUNK = 65536
 
 
-def _reason(exc: OSError) -> str:
-    """The plain reason inside an OSError, digging through trio's
-    "all attempts to connect failed" wrapper to the errors of each attempt."""
-    if exc.__cause__ is not None:
-        reasons = [_reason(e) for e in leaves(exc.__cause__) if isinstance(e, OSError)]
-        if reasons:
-            return "; ".join(dict.fromkeys(reasons))
-    if exc.errno is not None:
-        # trio's per-attempt errors carry the address in strerror; os.strerror
-        # gives the bare reason ("Connection refused").
-        return os.strerror(exc.errno)
-    return exc.strerror or str(exc)
-
-
 async def connect_tcp(host: str, port: int, *, timeout: float) -> trio.SocketStream:
     """Open a TCP connection, giving up after ``timeout`` seconds.
 
@@ -92,7 +77,7 @@ async def connect_tcp(host: str, port: int, *, timeout: float) -> trio.SocketStr
     except (socket.gaierror, UnicodeError) as exc:
         raise UserError.unresolvable(host, exc) from None
     except OSError as exc:
-        raise UserError(f"cannot connect to {host} port {port}: {_reason(exc)}") from None
+        raise UserError(f"cannot connect to {host} port {port}: {os_reason(exc)}") from None
 
 
 class _LineCount:

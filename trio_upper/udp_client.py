@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import socket
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol
 
 import trio
 
-from .errors import UserError, plural
+from .errors import UserError, os_reason, plural
 from .stdio import LineSource
 from .udp import RECEIVE_SIZE as DATAGRAM_RECEIVE_SIZE
 from .udp import max_payload
@@ -45,14 +44,6 @@ logger = logging.getLogger("trio_upper.udp_client")
 DEFAULT_UDP_TIMEOUT = 1.0
 DEFAULT_RETRIES = 2
 _BACKOFF = 2.0
-
-
-def _reason(exc: OSError) -> str:
-    """The bare reason of a failed socket call ("Network is unreachable"):
-    trio may put the address in ``strerror``, ``os.strerror`` never does."""
-    if exc.errno is not None:
-        return os.strerror(exc.errno)
-    return exc.strerror or str(exc)
 
 
 class DatagramSocket(Protocol):
@@ -218,7 +209,7 @@ async def udp_session(
         if reply is None:
             if failures and all(isinstance(e, ConnectionRefusedError) for e in failures):
                 raise UserError(f"no UDP server at {where}: connection refused")
-            reason = _reason(failures[-1]) if failures else "no address to try"
+            reason = os_reason(failures[-1]) if failures else "no address to try"
             raise UserError(f"cannot reach {where}: {reason}")
         await write(reply + b"\n")
         answered += 1
