@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable, Sequence
 
 import trio
 
-from . import __version__
+from . import __version__, metrics, systemd, tls
 from .errors import UserError, leaves, plural
 from .ratelimit import DEFAULT_RATE
 from .server import (
@@ -28,6 +28,7 @@ from .server import (
     DEFAULT_PORT,
     Endpoint,
     ServerConfig,
+    ServerStats,
     UpperServer,
 )
 from .stdio import (
@@ -99,6 +100,16 @@ def _positive_count(text: str) -> int:
     return _count(text, least=1)
 
 
+def _host_port(text: str) -> tuple[str | None, int]:
+    """``HOST:PORT``, ``[IPv6]:PORT`` or ``:PORT`` (every interface)."""
+    host, colon, port_text = text.rpartition(":")
+    if not colon:
+        raise argparse.ArgumentTypeError(f"not HOST:PORT: {text!r}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    return (host or None), _port(port_text)
+
+
 def _rate(text: str) -> float:
     try:
         value = float(text)
@@ -142,8 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
         "-p",
         "--port",
         type=_port,
-        default=DEFAULT_PORT,
-        help="port for both TCP and UDP; 0 lets the OS choose (default: %(default)s)",
+        default=None,
+        help=f"port for both TCP and UDP; 0 lets the OS choose (default: {DEFAULT_PORT})",
     )
     only = serve.add_mutually_exclusive_group()
     only.add_argument("--tcp-only", action="store_true", help="serve TCP only")
@@ -187,6 +198,32 @@ def build_parser() -> argparse.ArgumentParser:
         "that forged requests cannot aim a flood at a victim; 0 turns it off "
         "(default: %(default)g, with a burst of 2 seconds' worth)",
     )
+    tls = serve.add_argument_group(
+        "TLS", "TLS on every TCP connection; UDP stays plain text (there is no DTLS)."
+    )
+    tls.add_argument(
+        "--certfile",
+        metavar="FILE",
+        help="serve TCP over TLS with this PEM certificate chain (default: plain TCP)",
+    )
+    tls.add_argument(
+        "--keyfile",
+        metavar="FILE",
+        help="the certificate's PEM private key (default: read from --certfile)",
+    )
+    tls.add_argument(
+        "--ca-certs",
+        metavar="FILE",
+        help="require client certificates signed by these PEM CAs: mutual TLS "
+        "(default: no client certificate asked for)",
+    )
+    serve.add_argument(
+        "--metrics",
+        type=_host_port,
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics over HTTP at http://HOST:PORT/metrics; needs "
+        "pip install 'trio-upper[metrics]' (default: off)",
+    )
     serve.set_defaults(run=_serve)
 
     tcp = commands.add_parser(
@@ -210,7 +247,22 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive_seconds,
         default=DEFAULT_CONNECT_TIMEOUT,
         metavar="SECONDS",
-        help="seconds to wait for the connection (default: %(default)s)",
+        help="seconds to wait for the connection and the TLS handshake (default: %(default)s)",
+    )
+    tcp.add_argument(
+        "--tls",
+        action="store_true",
+        help="speak TLS, verifying the server's certificate and name (default: plain TCP)",
+    )
+    tcp.add_argument(
+        "--cafile",
+        metavar="FILE",
+        help="with --tls, trust the CAs in this PEM file (default: the system's trust store)",
+    )
+    tcp.add_argument(
+        "--server-name",
+        metavar="NAME",
+        help="with --tls, the name the server's certificate must carry (default: HOST)",
     )
     tcp.set_defaults(run=_tcp)
 
@@ -269,10 +321,18 @@ def _say(args: argparse.Namespace, message: str) -> None:
         os.close(devnull)
 
 
-async def _serve(args: argparse.Namespace) -> None:
-    config = ServerConfig(
+def _server_config(args: argparse.Namespace) -> ServerConfig:
+    """The server's configuration from the flags; raises UserError for a
+    combination that cannot work."""
+    if args.certfile is None and (args.keyfile or args.ca_certs):
+        raise UserError("--keyfile and --ca-certs go with --certfile")
+    if args.certfile is not None and args.udp_only:
+        raise UserError("--certfile is for TCP, and --udp-only serves none (UDP has no TLS)")
+    if args.metrics is not None:
+        metrics.require()
+    return ServerConfig(
         host=args.host,
-        port=args.port,
+        port=DEFAULT_PORT if args.port is None else args.port,
         tcp=not args.udp_only,
         udp=not args.tcp_only,
         ascii_only=args.ascii,
@@ -280,7 +340,45 @@ async def _serve(args: argparse.Namespace) -> None:
         udp_rate_limit=args.udp_rate_limit,
         max_connections=args.max_connections,
         idle_timeout=args.idle_timeout,
+        tls=tls.server_context(args.certfile, args.keyfile, args.ca_certs)
+        if args.certfile is not None
+        else None,
+        metrics=args.metrics,
     )
+
+
+def _inherited_sockets(args: argparse.Namespace) -> list[systemd.ListenFd] | None:
+    """The sockets systemd passed us (socket activation), if any."""
+    inherited = systemd.listen_fds()
+    if inherited is None:
+        return None
+    if args.host is not None or args.port is not None:
+        for passed in inherited:
+            passed.socket.close()
+        raise UserError(
+            "--host and --port cannot be used with sockets from systemd (LISTEN_FDS): "
+            "the socket unit says where to listen"
+        )
+    if not inherited:
+        raise UserError("systemd passed no sockets (LISTEN_FDS=0)")
+    return inherited
+
+
+def _ready_line(served: list[Endpoint], inherited: bool) -> str:
+    uppercase = [str(e) for e in served if e.protocol != "metrics"]
+    line = f"Serving uppercase on {', '.join(uppercase)}"
+    if inherited:
+        line += " (sockets from systemd)"
+    if any(e.protocol == "tcp+tls" for e in served) and any(e.protocol == "udp" for e in served):
+        line += "; UDP is not encrypted"
+    if where := [str(e) for e in served if e.protocol == "metrics"]:
+        line += f"; metrics at {', '.join(where)}"
+    return line
+
+
+async def _serve(args: argparse.Namespace) -> None:
+    inherited = _inherited_sockets(args)
+    config = _server_config(args)
     server = UpperServer(config)
     # Signals are caught from before binding, so that a Ctrl-C at any moment
     # is a shutdown and never a KeyboardInterrupt traceback.
@@ -288,27 +386,40 @@ async def _serve(args: argparse.Namespace) -> None:
         async with trio.open_nursery() as nursery:
 
             async def run(task_status: trio.TaskStatus[list[Endpoint]]) -> None:
-                await server.run(task_status=task_status)
+                await server.run(inherited=inherited, task_status=task_status)
                 nursery.cancel_scope.cancel()
 
             served: list[Endpoint] = await nursery.start(run)
-            _say(args, f"Serving uppercase on {', '.join(map(str, served))} (Ctrl-C to stop)")
+            ready = _ready_line(served, inherited is not None)
+            _say(args, f"{ready} (Ctrl-C to stop)")
+            systemd.notify("READY=1", f"STATUS={ready}")
+            if (interval := systemd.watchdog_interval()) is not None:
+                # In this nursery, beside the server: a stuck event loop
+                # stops the pings, and systemd restarts us.
+                nursery.start_soon(systemd.watchdog, interval)
             async for signum in signals:
                 if server.stopping:
                     _say(args, "Stopping now.")
                     server.shutdown(grace=0)
                     continue
                 server.shutdown()
+                systemd.notify("STOPPING=1", "STATUS=Stopping: refusing new connections")
                 await server.stopped_accepting()
                 name = signal.Signals(signum).name
                 if server.stats.active:
+                    waiting = (
+                        f"waiting up to {config.grace:g} s "
+                        f"for {plural(server.stats.active, 'open connection')}"
+                    )
+                    systemd.notify(f"STATUS=Stopping: {waiting}")
                     _say(
                         args,
-                        f"{name}: refusing new connections; waiting up to {config.grace:g} s "
-                        f"for {plural(server.stats.active, 'open connection')} "
-                        "(Ctrl-C again to stop now)",
+                        f"{name}: refusing new connections; {waiting} (Ctrl-C again to stop now)",
                     )
-    stats = server.stats
+    _say(args, _summary(server.stats))
+
+
+def _summary(stats: ServerStats) -> str:
     summary = (
         f"Stopped: served {plural(stats.connections, 'TCP connection')} and "
         f"{plural(stats.udp.datagrams, 'datagram')}"
@@ -321,11 +432,19 @@ async def _serve(args: argparse.Namespace) -> None:
         summary += f"; {plural(stats.udp.rate_limited, 'datagram')} not answered (rate limit)"
     if stats.udp.dropped:
         summary += f"; {plural(stats.udp.dropped, 'reply', 'replies')} not sent (see the log)"
-    _say(args, summary + ".")
+    return summary + "."
 
 
 async def _tcp(args: argparse.Namespace) -> None:
-    stream = await connect_tcp(args.host, args.port, timeout=args.connect_timeout)
+    if not args.tls and (args.cafile or args.server_name):
+        raise UserError("--cafile and --server-name go with --tls")
+    stream = await connect_tcp(
+        args.host,
+        args.port,
+        timeout=args.connect_timeout,
+        tls=tls.client_context(args.cafile) if args.tls else None,
+        server_name=args.server_name,
+    )
     stdout = FdSendStream(_STDOUT)
     if os.isatty(_STDIN):
         await tcp_interactive(stream, read_terminal_line, stdout.send_all, timeout=args.timeout)

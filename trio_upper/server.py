@@ -24,6 +24,7 @@ import errno
 import logging
 import math
 import socket
+import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -31,11 +32,13 @@ from typing import Any, NamedTuple
 
 import trio
 
+from . import metrics
 from .capacity import CapacityListener, ConnectionSlots
 from .errors import UserError, host_port
 from .fastsocket import FastSocketListener
 from .ratelimit import DEFAULT_RATE, ReplyRateLimiter
-from .tcp import handle_stream, socket_of
+from .systemd import ListenFd
+from .tcp import TcpCounts, handle_stream, socket_of
 from .udp import DatagramSocket, UdpCounts, UdpSocket, serve_udp
 
 __all__ = [
@@ -45,6 +48,7 @@ __all__ = [
     "ServerConfig",
     "ServerStats",
     "UpperServer",
+    "adopt",
     "bind",
 ]
 
@@ -67,6 +71,10 @@ DEFAULT_MAX_CONNECTIONS = 10_000
 # slow-loris defence). Long enough for a person at the interactive client to
 # stop and think; 0 turns it off.
 DEFAULT_IDLE_TIMEOUT = 300.0
+
+# Metrics connections handled at once: a scraper or two, and a person with
+# curl. More wait in the listen queue, as on the uppercase port.
+_METRICS_CONNECTIONS = 8
 
 # With --port 0 the OS picks a free TCP port, and UDP (and the other address
 # family) must then bind that same number. Something else may hold it on UDP,
@@ -95,39 +103,59 @@ class ServerConfig:
     max_connections: int = DEFAULT_MAX_CONNECTIONS
     # 0 means never.
     idle_timeout: float = DEFAULT_IDLE_TIMEOUT
+    # TLS on every TCP connection (see tls.server_context); None: plain TCP.
+    tls: ssl.SSLContext | None = None
+    # Where to serve Prometheus metrics over HTTP, as (host, port); None: not.
+    metrics: tuple[str | None, int] | None = None
 
 
 @dataclass
-class ServerStats:
-    """What a server did, for its closing summary."""
+class ServerStats(TcpCounts):
+    """What a server did, for its closing summary and its metrics: the TCP
+    side's counts, and the UDP side's in ``udp``."""
 
-    connections: int = 0
-    active: int = 0
-    cut_off: int = 0
     udp: UdpCounts = field(default_factory=UdpCounts)
 
 
 class Endpoint(NamedTuple):
     """One address the server serves; ``str()`` gives ``tcp [::]:12000``."""
 
-    protocol: str  # "tcp" or "udp"
+    protocol: str  # "tcp", "tcp+tls", "udp", or "metrics" (HTTP)
     host: str
     port: int
 
     def __str__(self) -> str:
+        if self.protocol == "metrics":
+            return f"http://{host_port(self.host, self.port)}{metrics.PATH}"
         return f"{self.protocol} {host_port(self.host, self.port)}"
+
+
+@dataclass
+class Bound:
+    """Every socket a server serves on, bound (or inherited) and not yet
+    served; whoever holds it owns them until :meth:`UpperServer.serve`."""
+
+    tcp: list[_TcpListener] = field(default_factory=list)
+    udp: list[UdpSocket] = field(default_factory=list)
+    metrics: list[_TcpListener] = field(default_factory=list)
+
+    async def aclose(self) -> None:
+        for listener in [*self.tcp, *self.metrics]:
+            await trio.aclose_forcefully(listener)
+        for sock in self.udp:
+            sock.close()
 
 
 def _endpoint(protocol: str, sockaddr: tuple[Any, ...]) -> Endpoint:
     return Endpoint(protocol, sockaddr[0], sockaddr[1])
 
 
-def _listener_endpoint(listener: _TcpListener) -> Endpoint:
+def _listener_endpoint(listener: _TcpListener, protocol: str = "tcp") -> Endpoint:
     sock = socket_of(listener)
     if sock is None:
         # A listener with no socket (the tests' in-memory one).
-        return Endpoint("tcp", f"<{type(listener).__name__}>", 0)
-    return _endpoint("tcp", sock.getsockname())
+        return Endpoint(protocol, f"<{type(listener).__name__}>", 0)
+    return _endpoint(protocol, sock.getsockname())
 
 
 def _where(host: str | None, port: int) -> str:
@@ -180,18 +208,91 @@ async def _take_over(bound: list[trio.SocketListener]) -> list[_TcpListener]:
     return taken
 
 
-async def _bind_at(config: ServerConfig, port: int) -> tuple[list[_TcpListener], list[UdpSocket]]:
-    listeners: list[_TcpListener] = []
-    if config.tcp:
-        # trio resolves, binds and listens.
-        listeners = await _take_over(await trio.open_tcp_listeners(port, host=config.host))
+async def _bind_at(config: ServerConfig, port: int) -> Bound:
+    bound = Bound()
     try:
-        udp_sockets = await _bind_udp(config.host, port) if config.udp else []
+        if config.tcp:
+            # trio resolves, binds and listens.
+            bound.tcp = await _take_over(await trio.open_tcp_listeners(port, host=config.host))
+        if config.udp:
+            bound.udp = await _bind_udp(config.host, port)
     except BaseException:
-        for listener in listeners:
-            await trio.aclose_forcefully(listener)
+        await bound.aclose()
         raise
-    return listeners, udp_sockets
+    return bound
+
+
+async def _bind_metrics(config: ServerConfig, bound: Bound) -> None:
+    """Add the metrics listeners to ``bound``, unless it has them (from
+    systemd) or there are none to bind; on failure, close all of ``bound``."""
+    if config.metrics is None or bound.metrics:
+        return
+    host, port = config.metrics
+    try:
+        bound.metrics = await _take_over(await trio.open_tcp_listeners(port, host=host))
+    except BaseException as exc:
+        await bound.aclose()
+        if isinstance(exc, (socket.gaierror, UnicodeError)):
+            raise UserError.unresolvable(host, exc) from exc
+        if isinstance(exc, OSError):
+            reason = exc.strerror or str(exc)
+            raise UserError(f"cannot serve metrics on {_where(host, port)}: {reason}") from exc
+        raise
+
+
+def adopt(inherited: Sequence[ListenFd], config: ServerConfig) -> Bound:
+    """Serve on sockets that someone else bound: systemd's socket activation
+    (:func:`trio_upper.systemd.listen_fds`), or a parent process.
+
+    Args:
+      inherited: Listening TCP sockets and bound UDP sockets, IPv4 or IPv6,
+          in any number and order; owned from now on (closed here on error).
+          A TCP socket named ``metrics`` (``FileDescriptorName=metrics``)
+          serves the metrics.
+      config: Uses ``tcp`` and ``udp``: a socket of a protocol that is not
+          to be served is an error, not something to ignore; and
+          ``metrics``, which must not be set if a metrics socket is passed.
+
+    Returns:
+      The sockets to serve on.
+
+    Raises:
+      UserError: a socket of another kind (a Unix socket, a TCP socket that
+          is not listening), or one that ``config`` contradicts.
+    """
+    bound = Bound()
+    try:
+        for passed in inherited:
+            sock = passed.socket
+            kind = {socket.SOCK_STREAM: "tcp", socket.SOCK_DGRAM: "udp"}.get(sock.type)
+            if sock.family not in (socket.AF_INET, socket.AF_INET6) or kind is None:
+                raise UserError(
+                    f"an inherited socket (fd {sock.fileno()}, {sock.family.name} "
+                    f"{sock.type.name}) is neither TCP nor UDP over IP"
+                )
+            where = _endpoint(kind, sock.getsockname())
+            for_metrics = kind == "tcp" and passed.name == "metrics"
+            if for_metrics and config.metrics is not None:
+                raise UserError(
+                    f"--metrics cannot be used: an inherited socket named 'metrics' ({where}) "
+                    "serves the metrics"
+                )
+            if not for_metrics and not (config.tcp if kind == "tcp" else config.udp):
+                only = "--udp-only" if kind == "tcp" else "--tcp-only"
+                raise UserError(f"an inherited socket is {where}, which {only} excludes")
+            if kind == "udp":
+                bound.udp.append(UdpSocket(sock))
+                continue
+            try:
+                listener = FastSocketListener(sock)
+            except ValueError:
+                raise UserError(f"an inherited socket ({where}) is not listening") from None
+            (bound.metrics if for_metrics else bound.tcp).append(listener)
+    except BaseException:
+        for passed in inherited:
+            passed.socket.close()
+        raise
+    return bound
 
 
 async def _free_port(host: str | None) -> int:
@@ -202,9 +303,7 @@ async def _free_port(host: str | None) -> int:
     return port
 
 
-async def bind(
-    config: ServerConfig,
-) -> tuple[list[_TcpListener], list[UdpSocket]]:
+async def bind(config: ServerConfig) -> Bound:
     """Bind everything ``config`` asks for, all on one port number.
 
     This is the first half of :func:`trio.serve_tcp` (its
@@ -213,15 +312,22 @@ async def bind(
 
     Args:
       config: Uses ``host``, ``port``, ``tcp`` and ``udp``. With port 0 the
-          OS picks a port free for every protocol and family bound.
+          OS picks a port free for every protocol and family bound. And
+          ``metrics``: its listeners are bound in the same step.
 
     Returns:
-      The TCP listeners and the UDP sockets; the caller owns both.
+      The sockets; the caller owns them.
 
     Raises:
       UserError: the host does not resolve, or a bind failed (port in use,
           permission denied, address not available); nothing stays bound.
     """
+    bound = await _bind_uppercase(config)
+    await _bind_metrics(config, bound)
+    return bound
+
+
+async def _bind_uppercase(config: ServerConfig) -> Bound:
     try:
         if config.port != 0:
             return await _bind_at(config, config.port)
@@ -260,24 +366,36 @@ class UpperServer:
         )
 
     async def run(
-        self, *, task_status: trio.TaskStatus[list[Endpoint]] = trio.TASK_STATUS_IGNORED
+        self,
+        *,
+        inherited: Sequence[ListenFd] | None = None,
+        task_status: trio.TaskStatus[list[Endpoint]] = trio.TASK_STATUS_IGNORED,
     ) -> ServerStats:
-        """Bind as :func:`bind` does, then :meth:`serve`.
+        """Bind as :func:`bind` does (or take ``inherited`` sockets, as
+        :func:`adopt` does), then :meth:`serve`.
 
         Returns:
           The server's counts, once it has shut down.
 
         Raises:
-          UserError: binding failed (see :func:`bind`).
+          UserError: binding failed (see :func:`bind`), or an inherited
+              socket cannot be served (see :func:`adopt`).
         """
-        listeners, udp_sockets = await bind(self.config)
-        return await self.serve(listeners, udp_sockets, task_status=task_status)
+        if inherited is None:
+            bound = await bind(self.config)
+        else:
+            bound = adopt(inherited, self.config)
+            await _bind_metrics(self.config, bound)
+        return await self.serve(
+            bound.tcp, bound.udp, metrics_listeners=bound.metrics, task_status=task_status
+        )
 
     async def serve(
         self,
         listeners: Sequence[_TcpListener],
         udp_sockets: Sequence[DatagramSocket],
         *,
+        metrics_listeners: Sequence[_TcpListener] = (),
         task_status: trio.TaskStatus[list[Endpoint]] = trio.TASK_STATUS_IGNORED,
     ) -> ServerStats:
         """Serve on already-bound listeners and UDP sockets until shut down.
@@ -292,9 +410,14 @@ class UpperServer:
         :class:`trio.abc.Listener` works, which is how the tests drive it over
         in-memory streams.
 
+        With ``config.tls``, each TCP listener is also wrapped in a
+        :class:`trio.SSLListener`, so the same handler runs over TLS.
+
         Args:
           listeners: TCP listeners. Closed when accepting stops.
           udp_sockets: Bound UDP sockets. Closed when accepting stops.
+          metrics_listeners: Where to serve the metrics over HTTP. Closed
+              when accepting stops.
           task_status: Started with the list of :class:`Endpoint` served.
 
         Returns:
@@ -303,7 +426,9 @@ class UpperServer:
         with self._handlers:
             async with trio.open_nursery() as handlers:
                 try:
-                    await self._accept(listeners, udp_sockets, handlers, task_status)
+                    await self._accept(
+                        listeners, udp_sockets, metrics_listeners, handlers, task_status
+                    )
                 finally:
                     # In a finally: a zero grace cancels the handler scope at
                     # the same moment, and its Cancelled passes through here.
@@ -315,16 +440,25 @@ class UpperServer:
         self,
         listeners: Sequence[_TcpListener],
         udp_sockets: Sequence[DatagramSocket],
+        metrics_listeners: Sequence[_TcpListener],
         handlers: trio.Nursery,
         task_status: trio.TaskStatus[list[Endpoint]],
     ) -> None:
         """Accept connections (their handlers go to ``handlers``) and answer
         datagrams until :meth:`shutdown` cancels this; then close every
         listener and UDP socket."""
-        served = [_listener_endpoint(listener) for listener in listeners]
+        tls = self.config.tls
+        tcp = "tcp" if tls is None else "tcp+tls"
+        served = [_listener_endpoint(listener, tcp) for listener in listeners]
         served += [_endpoint("udp", sock.getsockname()) for sock in udp_sockets]
+        served += [_listener_endpoint(listener, "metrics") for listener in metrics_listeners]
         slots = ConnectionSlots(self.config.max_connections)
-        capped = [CapacityListener(listener, slots) for listener in listeners]
+        capped: list[_TcpListener] = [CapacityListener(listener, slots) for listener in listeners]
+        if tls is not None:
+            # Beneath TLS, so that a handshake holds a slot too; the
+            # handshake itself runs in the handler, bounded by its idle
+            # timeout, and holds up no one else.
+            capped = [trio.SSLListener(c, tls, https_compatible=False) for c in capped]
         with self._accepting, contextlib.ExitStack() as udp_closer:
             for sock in udp_sockets:
                 udp_closer.callback(sock.close)
@@ -336,6 +470,8 @@ class UpperServer:
                             trio.serve_listeners, self._handle, capped, handler_nursery=handlers
                         )
                     )
+                if metrics_listeners:
+                    await accepting.start(self._serve_metrics, metrics_listeners)
                 for sock in udp_sockets:
                     accepting.start_soon(
                         partial(
@@ -348,6 +484,19 @@ class UpperServer:
                     )
                 logger.debug("serving on %s", ", ".join(map(str, served)))
                 task_status.started(served)
+
+    async def _serve_metrics(
+        self,
+        listeners: Sequence[_TcpListener],
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Serve the metrics until cancelled, a few connections at a time."""
+        render = metrics.renderer(self.stats)
+        slots = ConnectionSlots(_METRICS_CONNECTIONS)
+        capped = [CapacityListener(listener, slots) for listener in listeners]
+        task_status.started()
+        await trio.serve_listeners(partial(metrics.handle_http, render=render), capped)
 
     def shutdown(self, grace: float | None = None) -> None:
         """Stop accepting now; cancel connections still open ``grace`` seconds
@@ -384,6 +533,7 @@ class UpperServer:
                 stream,
                 ascii_only=self.config.ascii_only,
                 idle_timeout=self.config.idle_timeout or math.inf,
+                counts=self.stats,
             )
         except trio.Cancelled:
             self.stats.cut_off += 1
@@ -391,6 +541,7 @@ class UpperServer:
         except Exception as exc:
             # handle_stream contains the failures a peer can cause; reaching
             # this means a bug in trio-upper. Log it and keep serving others.
+            self.stats.internal_errors += 1
             logger.error(
                 "connection dropped by an internal error: %r",
                 exc,

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import logging
 import math
+import ssl
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import trio
@@ -18,7 +20,7 @@ import trio
 from .errors import host_port
 from .transform import Uppercaser
 
-__all__ = ["describe_peer", "handle_stream", "socket_of"]
+__all__ = ["TcpCounts", "describe_peer", "handle_stream", "socket_of"]
 
 logger = logging.getLogger("trio_upper.tcp")
 
@@ -33,6 +35,23 @@ RECEIVE_SIZE = 65536
 # so the deadline is set this much further out and only moved when it gets
 # closer than the timeout: at most once per eighth of the timeout.
 _IDLE_SLACK = 0.125
+
+
+@dataclass
+class TcpCounts:
+    """What the TCP side did, counted as it happens: for the server's
+    closing summary and its metrics."""
+
+    connections: int = 0  # accepted
+    active: int = 0  # open now
+    bytes_received: int = 0
+    bytes_sent: int = 0
+    # How connections ended, other than by the client closing in good order.
+    idle_closed: int = 0  # silent for --idle-timeout
+    lost: int = 0  # reset, broken pipe, or another error of the connection
+    tls_failed: int = 0  # the TLS handshake failed
+    cut_off: int = 0  # still open at the end of the grace period
+    internal_errors: int = 0  # a bug in trio-upper (logged as an error)
 
 
 class SocketLike(Protocol):
@@ -79,7 +98,11 @@ def describe_peer(stream: trio.abc.Stream) -> str:
 
 
 async def handle_stream(
-    stream: trio.abc.Stream, *, ascii_only: bool = False, idle_timeout: float = math.inf
+    stream: trio.abc.Stream,
+    *,
+    ascii_only: bool = False,
+    idle_timeout: float = math.inf,
+    counts: TcpCounts | None = None,
 ) -> int:
     """Uppercase everything that arrives on ``stream`` and send it back.
 
@@ -95,6 +118,9 @@ async def handle_stream(
           this many seconds (up to an eighth more: see ``_IDLE_SLACK``). A
           reply the peer does not read counts as silence too, so a client
           that never reads cannot hold the connection for ever either.
+      counts: Where to count bytes as they come and go, and how the
+          connection ended (``idle_closed``, ``lost``, ``tls_failed``);
+          the caller counts the rest.
 
     Returns:
       The number of bytes received.
@@ -108,6 +134,8 @@ async def handle_stream(
       client's failure never reaches the caller's nursery and so never stops
       the server. Cancellation from outside propagates as usual.
     """
+    if counts is None:
+        counts = TcpCounts()
     # getpeername is a system call: skip it unless the log lines are shown.
     peer = describe_peer(stream) if logger.isEnabledFor(logging.DEBUG) else ""
     upper = Uppercaser(ascii_only=ascii_only)
@@ -121,19 +149,31 @@ async def handle_stream(
         try:
             async with stream:
                 while data := await stream.receive_some(RECEIVE_SIZE):
-                    received += len(data)
+                    size = len(data)
+                    received += size
+                    counts.bytes_received += size
                     now = trio.current_time()
                     if idle.deadline - now < idle_timeout:
                         idle.deadline = now + renew
                     if reply := upper.feed(bytes(data)):
                         await stream.send_all(reply)
+                        counts.bytes_sent += len(reply)
                 if tail := upper.flush():
                     await stream.send_all(tail)
+                    counts.bytes_sent += len(tail)
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             cause = exc.__cause__ or exc
-            logger.debug("%s: connection lost after %d bytes: %s", peer, received, cause)
+            if isinstance(cause, ssl.SSLError) and not received:
+                # Before any data: the TLS handshake (no certificate we
+                # trust, a plain-text client on the TLS port, ...).
+                counts.tls_failed += 1
+                logger.debug("%s: TLS handshake failed: %s", peer, cause)
+            else:
+                counts.lost += 1
+                logger.debug("%s: connection lost after %d bytes: %s", peer, received, cause)
             return received
     if idle.cancelled_caught:
+        counts.idle_closed += 1
         logger.debug("%s: closed after %g s idle, %d bytes", peer, idle_timeout, received)
     else:
         logger.debug("%s: closed after %d bytes", peer, received)

@@ -15,16 +15,20 @@ with a one-line message.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import math
 import socket
+import ssl
 from collections.abc import Awaitable, Callable
 
 import trio
 
 from .errors import UserError, bare_user_error, os_reason, plural
 from .stdio import LineSource
+from .tls import describe_tls_error
+from .transform import Uppercaser
 
 __all__ = [
     "DEFAULT_CONNECT_TIMEOUT",
@@ -54,30 +58,62 @@ MAX_PENDING_REPLY = 64 * 1024
 _CHUNK = 65536
 
 
-async def connect_tcp(host: str, port: int, *, timeout: float) -> trio.SocketStream:
-    """Open a TCP connection, giving up after ``timeout`` seconds.
+async def connect_tcp(
+    host: str,
+    port: int,
+    *,
+    timeout: float,
+    tls: ssl.SSLContext | None = None,
+    server_name: str | None = None,
+) -> trio.abc.Stream:
+    """Open a TCP connection, and with ``tls`` its TLS session, giving up
+    after ``timeout`` seconds.
 
     Every address ``host`` resolves to is tried, as :func:`trio.open_tcp_stream`
     does (happy eyeballs), so ``localhost`` works for IPv4- and IPv6-only
     servers alike.
 
+    Args:
+      host, port: The server.
+      timeout: For the connection and the TLS handshake together.
+      tls: Speak TLS, verifying the server as this context says.
+      server_name: The name the server's certificate must carry (and the
+          one sent in SNI); default ``host``.
+
     Returns:
-      The connection; the caller owns it and must close it.
+      The connection: a :class:`trio.abc.HalfCloseableStream` over plain
+      TCP, a :class:`trio.SSLStream` over TLS (handshake done). The caller
+      owns it and must close it.
 
     Raises:
-      UserError: DNS failure, refused, unreachable or timed out.
+      UserError: DNS failure, refused, unreachable or timed out; over TLS, a
+          certificate that does not verify, or a server that does not speak
+          TLS.
     """
+    where = f"{host} port {port}"
     try:
         with trio.fail_after(timeout):
-            return await trio.open_tcp_stream(host, port)
+            stream: trio.abc.Stream = await trio.open_tcp_stream(host, port)
+            if tls is not None:
+                stream = trio.SSLStream(
+                    stream, tls, server_hostname=server_name or host, https_compatible=False
+                )
+                try:
+                    await stream.do_handshake()
+                except BaseException:
+                    await trio.aclose_forcefully(stream)
+                    raise
+            return stream
     except trio.TooSlowError:
-        raise UserError(
-            f"timed out after {timeout:g} s connecting to {host} port {port}"
-        ) from None
+        raise UserError(f"timed out after {timeout:g} s connecting to {where}") from None
     except (socket.gaierror, UnicodeError) as exc:
         raise UserError.unresolvable(host, exc) from None
+    except trio.BrokenResourceError as exc:
+        cause = exc.__cause__
+        reason = describe_tls_error(cause) if isinstance(cause, ssl.SSLError) else str(cause)
+        raise UserError(f"TLS with {where} failed: {reason}") from None
     except OSError as exc:
-        raise UserError(f"cannot connect to {host} port {port}: {os_reason(exc)}") from None
+        raise UserError(f"cannot connect to {where}: {os_reason(exc)}") from None
 
 
 class _LineCount:
@@ -244,13 +280,95 @@ async def tcp_interactive(
     return answered
 
 
+class _Expected:
+    """The reply a server in one of the two modes owes for what was sent,
+    kept only until it has come: what is in flight, a few MB at most."""
+
+    def __init__(self, *, ascii_only: bool) -> None:
+        self._upper = Uppercaser(ascii_only=ascii_only)
+        self._owed: collections.deque[bytes] = collections.deque()
+        self.owed_bytes = 0
+        self.matching = True
+
+    def sent(self, data: bytes) -> None:
+        if piece := self._upper.feed(data):
+            self._owed.append(piece)
+            self.owed_bytes += len(piece)
+
+    def received(self, data: bytes) -> None:
+        """Take ``data`` off what is owed; a byte that differs, or one more
+        than was owed, means the server is not in this mode."""
+        while data and self.matching:
+            if not self._owed:
+                self.matching = False
+                return
+            head = self._owed[0]
+            size = min(len(head), len(data))
+            if head[:size] != data[:size]:
+                self.matching = False
+                return
+            if size == len(head):
+                self._owed.popleft()
+            else:
+                self._owed[0] = head[size:]
+            self.owed_bytes -= size
+            data = data[size:]
+
+    def held_to_the_end(self) -> bytes:
+        """The bytes a server in this mode sends only at the end of the
+        stream: an incomplete UTF-8 sequence at the end of the input, which
+        comes back unchanged (see :meth:`Uppercaser.flush`)."""
+        return self._upper.flush()
+
+
+class _ReplyCheck:
+    """How a client that cannot half-close (over TLS, which has no way to
+    end one direction only) knows that every reply has come.
+
+    The transform is known, and so is what was sent: the client works out the
+    reply a server in UTF-8 mode owes and the reply one in ``--ascii`` mode
+    owes, checks what comes against both, and knows the server is done when
+    one of them has come in full. It then closes the connection (TLS
+    close_notify). A reply that matches neither is an error.
+
+    The one thing the server sends only at the end of the stream, an
+    incomplete UTF-8 sequence at the very end of the input, passes through
+    the transform unchanged; the client writes it itself (at most 3 bytes).
+    """
+
+    def __init__(self) -> None:
+        self._modes = [_Expected(ascii_only=False), _Expected(ascii_only=True)]
+        self.input_ended = False
+        self.held = b""
+
+    def sent(self, data: bytes) -> None:
+        for mode in self._modes:
+            mode.sent(data)
+
+    def end_of_input(self) -> None:
+        self.input_ended = True
+        # Only the UTF-8 mode holds anything back.
+        self.held = self._modes[0].held_to_the_end()
+
+    def received(self, data: bytes) -> None:
+        for mode in self._modes:
+            mode.received(data)
+        self._modes = [mode for mode in self._modes if mode.matching]
+        if not self._modes:
+            raise UserError("the server's reply is not the uppercase of what was sent")
+
+    @property
+    def done(self) -> bool:
+        return self.input_ended and any(not mode.owed_bytes for mode in self._modes)
+
+
 class _StreamCopy:
     """The state of one :func:`tcp_stream` run: its two tasks and the
     watchdog that bounds each wait for the server."""
 
     def __init__(
         self,
-        stream: trio.abc.HalfCloseableStream,
+        stream: trio.abc.Stream,
         source: trio.abc.ReceiveStream,
         sink: trio.abc.SendStream,
         timeout: float,
@@ -267,6 +385,10 @@ class _StreamCopy:
         # seconds without making progress. Its deadline moves with every
         # event (see _rearm), so it is the one timer for sends and replies.
         self.watchdog = trio.CancelScope()
+        # Without half-close, the end comes from counting: see _ReplyCheck.
+        self.check = None if isinstance(stream, trio.abc.HalfCloseableStream) else _ReplyCheck()
+        # Cancelled once the check says every reply has come.
+        self.reading = trio.CancelScope()
 
     def _rearm(self) -> None:
         """Restart the watchdog if we are waiting for the server, else stop it.
@@ -287,10 +409,13 @@ class _StreamCopy:
             self.watchdog.deadline = math.inf
 
     async def pump(self) -> None:
-        """Copy the source to the server, then half-close."""
+        """Copy the source to the server, then half-close (or, without
+        half-close, let the reply check know that the input has ended)."""
         try:
             while data := bytes(await self.source.receive_some(_CHUNK)):
                 self.sent.add(data)
+                if self.check is not None:
+                    self.check.sent(data)
                 self.sent_since_reply = True
                 self._rearm()
                 try:
@@ -301,14 +426,21 @@ class _StreamCopy:
                 self._rearm()  # the server took it: progress
             self.input_ended = True
             self._rearm()
-            with contextlib.suppress(trio.BrokenResourceError):
-                await self.stream.send_eof()
+            if self.check is None:
+                assert isinstance(self.stream, trio.abc.HalfCloseableStream)
+                with contextlib.suppress(trio.BrokenResourceError):
+                    await self.stream.send_eof()
+            else:
+                self.check.end_of_input()
+                if self.check.done:
+                    self.reading.cancel()
         finally:
             self.pump_done.set()
 
     async def copy_replies(self) -> None:
-        """Copy the server's bytes to the sink until the server's EOF."""
-        with self.watchdog:
+        """Copy the server's bytes to the sink until the server's EOF, or
+        until the reply check says every reply has come."""
+        with self.watchdog, self.reading:
             while data := await _receive(self.stream):
                 self.answered.add(data)
                 self.sent_since_reply = False
@@ -317,8 +449,14 @@ class _StreamCopy:
                 await self.sink.send_all(data)
                 self.writing_output = False
                 self._rearm()
+                if self.check is not None:
+                    self.check.received(data)
+                    if self.check.done:
+                        break
         if self.watchdog.cancelled_caught:
             raise _unresponsive(self.timeout)
+        if self.check is not None and self.check.done and self.check.held:
+            await self.sink.send_all(self.check.held)
 
     def check_complete(self) -> None:
         """Raise if the server closed with input unsent or unanswered."""
@@ -327,15 +465,19 @@ class _StreamCopy:
                 "the server closed the connection before all input was sent; "
                 f"{plural(self.answered.newlines, 'line')} answered"
             )
-        if not self.answered.answers(self.sent):
+        answered = self.check.done if self.check is not None else self.answered.answers(self.sent)
+        if not answered:
+            # Not a byte back at all: a TLS server says nothing to a client
+            # that does not speak TLS, it just closes.
+            hint = "" if self.answered.lines else " (if it serves TLS, use --tls)"
             raise UserError(
                 "the server closed the connection early; "
-                f"{self.answered.newlines} of {plural(self.sent.lines, 'line')} answered"
+                f"{self.answered.newlines} of {plural(self.sent.lines, 'line')} answered{hint}"
             )
 
 
 async def tcp_stream(
-    stream: trio.abc.HalfCloseableStream,
+    stream: trio.abc.Stream,
     source: trio.abc.ReceiveStream,
     sink: trio.abc.SendStream,
     *,
@@ -344,6 +486,11 @@ async def tcp_stream(
     """Like ``nc``: copy ``source`` to the server and the server's bytes to
     ``sink``, both at once; half-close after the end of ``source``; return
     when the server ends its reply stream.
+
+    Over a stream that cannot half-close (TLS), the end is found by counting
+    instead (see :class:`_ReplyCheck`): every reply byte is checked against
+    the transform of what was sent, and once all of it has come the client
+    closes the connection itself.
 
     Args:
       stream: The connection to the server.
