@@ -371,6 +371,8 @@ def test_agrees_exactly_with_the_model(
         ("192.0.2.1", "192.0.2.254", "192.0.3.1"),
         ("2001:db8:0:ff::1", "2001:db8:0:ff:ffff::9", "2001:db8:0:100::1"),
         ("fe80::1%eth0", "fe80::2", "fe80:0:0:100::1"),
+        # IPv4 clients of a dual-stack IPv6 socket: counted by their /24.
+        ("::ffff:192.0.2.1", "192.0.2.77", "::ffff:198.51.100.1"),
     ],
 )
 def test_source_network_groups_a_slash_24_or_a_slash_56(
@@ -384,3 +386,4 @@ def test_source_network_groups_a_slash_24_or_a_slash_56(
 def test_network_label_names_the_counted_network() -> None:
     assert network_label("192.0.2.77") == "192.0.2.0/24"
     assert network_label("2001:db8:0:ff::1") == "2001:db8::/56"
+    assert network_label("::ffff:192.0.2.77") == "192.0.2.0/24"

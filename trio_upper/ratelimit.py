@@ -38,6 +38,11 @@ def source_network(address: str) -> str:
     """
     if ":" not in address:
         return address.rpartition(".")[0]
+    if address.startswith("::ffff:") and "." in address:
+        # An IPv4 client of a dual-stack IPv6 socket (as systemd's
+        # ListenDatagram=12000 makes): its /24, not the /56 that every
+        # IPv4 address would share.
+        return address[7:].rpartition(".")[0]
     # A link-local address comes with its scope ("fe80::1%eth0").
     return socket.inet_pton(socket.AF_INET6, address.partition("%")[0])[:7].hex()
 
@@ -49,6 +54,8 @@ def network_label(address: str) -> str:
     Raises:
       ValueError: if ``address`` is not an IP address.
     """
+    if address.startswith("::ffff:") and "." in address:
+        address = address[7:]
     prefix = 24 if ":" not in address else 56
     return str(ipaddress.ip_network(f"{address.partition('%')[0]}/{prefix}", strict=False))
 
