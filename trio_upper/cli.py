@@ -18,8 +18,9 @@ from collections.abc import Awaitable, Callable, Sequence
 
 import trio
 
-from . import __version__, metrics, systemd, tls
+from . import __version__, metrics, proxy, systemd, tls
 from .errors import UserError, leaves, plural
+from .proxy import DEFAULT_ALLOW
 from .ratelimit import DEFAULT_RATE
 from .server import (
     DEFAULT_GRACE,
@@ -108,6 +109,13 @@ def _host_port(text: str) -> tuple[str | None, int]:
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
     return (host or None), _port(port_text)
+
+
+def _allow_list(text: str) -> list[proxy.Network]:
+    try:
+        return proxy.parse_allow_list(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _rate(text: str) -> float:
@@ -216,6 +224,24 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="require client certificates signed by these PEM CAs: mutual TLS "
         "(default: no client certificate asked for)",
+    )
+    proxy = serve.add_argument_group(
+        "behind a load balancer",
+        "The PROXY protocol (v1 or v2), as nginx, HAProxy and cloud load balancers send it.",
+    )
+    proxy.add_argument(
+        "--proxy-protocol",
+        action="store_true",
+        help="TCP connections from --proxy-allow-from must begin with a PROXY protocol "
+        "header, and their datagrams may; the client it names is the peer (logs, rate "
+        "limit) (default: off)",
+    )
+    proxy.add_argument(
+        "--proxy-allow-from",
+        type=_allow_list,
+        metavar="ADDR[/BITS],...",
+        help=f"who may send PROXY headers; from anyone else the bytes are data (default: "
+        f"{DEFAULT_ALLOW})",
     )
     serve.add_argument(
         "--metrics",
@@ -330,6 +356,12 @@ def _server_config(args: argparse.Namespace) -> ServerConfig:
         raise UserError("--certfile is for TCP, and --udp-only serves none (UDP has no TLS)")
     if args.metrics is not None:
         metrics.require()
+    if args.proxy_allow_from is not None and not args.proxy_protocol:
+        raise UserError("--proxy-allow-from goes with --proxy-protocol")
+    proxy_allow = None
+    if args.proxy_protocol:
+        allowed = args.proxy_allow_from or proxy.parse_allow_list(DEFAULT_ALLOW)
+        proxy_allow = proxy.AllowList(allowed)
     return ServerConfig(
         host=args.host,
         port=DEFAULT_PORT if args.port is None else args.port,
@@ -344,6 +376,7 @@ def _server_config(args: argparse.Namespace) -> ServerConfig:
         if args.certfile is not None
         else None,
         metrics=args.metrics,
+        proxy_allow=proxy_allow,
     )
 
 

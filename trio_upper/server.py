@@ -36,6 +36,7 @@ from . import metrics
 from .capacity import CapacityListener, ConnectionSlots
 from .errors import UserError, host_port
 from .fastsocket import FastSocketListener
+from .proxy import AllowList, ProxyListener
 from .ratelimit import DEFAULT_RATE, ReplyRateLimiter
 from .systemd import ListenFd
 from .tcp import TcpCounts, handle_stream, socket_of
@@ -107,6 +108,8 @@ class ServerConfig:
     tls: ssl.SSLContext | None = None
     # Where to serve Prometheus metrics over HTTP, as (host, port); None: not.
     metrics: tuple[str | None, int] | None = None
+    # Who must send PROXY protocol headers (--proxy-protocol); None: no one.
+    proxy_allow: AllowList | None = None
 
 
 @dataclass
@@ -454,6 +457,9 @@ class UpperServer:
         served += [_listener_endpoint(listener, "metrics") for listener in metrics_listeners]
         slots = ConnectionSlots(self.config.max_connections)
         capped: list[_TcpListener] = [CapacityListener(listener, slots) for listener in listeners]
+        if self.config.proxy_allow is not None:
+            # Beneath TLS: a balancer sends the header before the handshake.
+            capped = [ProxyListener(c, self.config.proxy_allow) for c in capped]
         if tls is not None:
             # Beneath TLS, so that a handshake holds a slot too; the
             # handshake itself runs in the handler, bounded by its idle
@@ -480,6 +486,7 @@ class UpperServer:
                             ascii_only=self.config.ascii_only,
                             limiter=self._limiter,
                             counts=self.stats.udp,
+                            proxy_allow=self.config.proxy_allow,
                         )
                     )
                 logger.debug("serving on %s", ", ".join(map(str, served)))

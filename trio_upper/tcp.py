@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import ssl
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -20,7 +21,7 @@ import trio
 from .errors import host_port
 from .transform import Uppercaser
 
-__all__ = ["TcpCounts", "describe_peer", "handle_stream", "socket_of"]
+__all__ = ["TcpCounts", "describe_peer", "handle_stream", "peer_address", "socket_of"]
 
 logger = logging.getLogger("trio_upper.tcp")
 
@@ -63,38 +64,60 @@ class SocketLike(Protocol):
     def getpeername(self) -> Any: ...
 
 
+def _layers(resource: object) -> Iterator[object]:
+    """``resource`` and what it wraps, outermost first, following trio's
+    convention: a wrapper names what it wraps ``transport_stream`` or
+    ``transport_listener`` (:class:`trio.SSLStream`, :class:`trio.SSLListener`,
+    and ours: :class:`~trio_upper.capacity.SlotStream`,
+    :class:`~trio_upper.proxy.ProxyStream`, ...)."""
+    while resource is not None:
+        yield resource
+        resource = getattr(resource, "transport_stream", None) or getattr(
+            resource, "transport_listener", None
+        )
+
+
 def socket_of(resource: object) -> SocketLike | None:
     """The socket beneath a stream or listener, through any wrappers; None
     if there is none (an in-memory stream).
 
-    This follows trio's conventions, so it works for trio's classes, ours
-    and any written the same way: a socket stream or listener has a
-    ``socket`` attribute (:class:`trio.SocketStream`,
-    :class:`~trio_upper.fastsocket.FastSocketStream` and their listeners),
-    and a wrapper names what it wraps ``transport_stream`` or
-    ``transport_listener`` (:class:`trio.SSLStream`, :class:`trio.SSLListener`,
-    :class:`~trio_upper.capacity.SlotStream`).
+    A socket stream or listener has a ``socket`` attribute
+    (:class:`trio.SocketStream`,
+    :class:`~trio_upper.fastsocket.FastSocketStream` and their listeners).
     """
-    while resource is not None:
-        sock: SocketLike | None = getattr(resource, "socket", None)
+    for layer in _layers(resource):
+        sock: SocketLike | None = getattr(layer, "socket", None)
         if sock is not None:
             return sock
-        resource = getattr(resource, "transport_stream", None) or getattr(
-            resource, "transport_listener", None
-        )
+    return None
+
+
+def peer_address(stream: trio.abc.Stream) -> tuple[str, int] | None:
+    """The other end of ``stream``: the client a PROXY protocol header named
+    (a layer's ``peer_address``), else the socket's peer; None if there is
+    no socket, or it is no longer connected."""
+    for layer in _layers(stream):
+        address: tuple[str, int] | None = getattr(layer, "peer_address", None)
+        if address is not None:
+            return address
+        sock: SocketLike | None = getattr(layer, "socket", None)
+        if sock is not None:
+            try:
+                peer = sock.getpeername()
+            except OSError:
+                return None
+            return peer[0], peer[1]
     return None
 
 
 def describe_peer(stream: trio.abc.Stream) -> str:
     """A short name for the other end of ``stream``, for log lines."""
-    sock = socket_of(stream)
-    if sock is None:
-        return f"<{type(stream).__name__}>"
-    try:
-        peer = sock.getpeername()
-    except OSError:
+    address = peer_address(stream)
+    if address is not None:
+        return host_port(*address)
+    if socket_of(stream) is not None:
         return "<disconnected peer>"
-    return host_port(peer[0], peer[1])
+    return f"<{type(stream).__name__}>"
 
 
 async def handle_stream(
@@ -137,10 +160,10 @@ async def handle_stream(
     if counts is None:
         counts = TcpCounts()
     # getpeername is a system call: skip it unless the log lines are shown.
-    peer = describe_peer(stream) if logger.isEnabledFor(logging.DEBUG) else ""
+    debug = logger.isEnabledFor(logging.DEBUG)
+    peer = describe_peer(stream) if debug else ""
     upper = Uppercaser(ascii_only=ascii_only)
     received = 0
-    logger.debug("%s: connected", peer)
     # One scope for the whole connection, its deadline pushed back as data
     # arrives; pushing it back only once it is less than idle_timeout away
     # keeps that to once per eighth of the timeout, not once per chunk.
@@ -148,7 +171,13 @@ async def handle_stream(
     with trio.CancelScope(deadline=trio.current_time() + renew) as idle:
         try:
             async with stream:
-                while data := await stream.receive_some(RECEIVE_SIZE):
+                data = await stream.receive_some(RECEIVE_SIZE)
+                if debug:
+                    # Only now: the first read took any PROXY protocol
+                    # header, which names the real client.
+                    peer = describe_peer(stream)
+                    logger.debug("%s: connected", peer)
+                while data:
                     size = len(data)
                     received += size
                     counts.bytes_received += size
@@ -158,6 +187,7 @@ async def handle_stream(
                     if reply := upper.feed(bytes(data)):
                         await stream.send_all(reply)
                         counts.bytes_sent += len(reply)
+                    data = await stream.receive_some(RECEIVE_SIZE)
                 if tail := upper.flush():
                     await stream.send_all(tail)
                     counts.bytes_sent += len(tail)

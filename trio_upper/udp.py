@@ -17,6 +17,7 @@ from typing import Any, NoReturn, Protocol
 import trio
 
 from .errors import Episode, host_port
+from .proxy import AllowList, strip_datagram
 from .ratelimit import ReplyRateLimiter, Verdict, network_label, source_network
 from .transform import upper_ascii, upper_bytes
 
@@ -108,6 +109,9 @@ class UdpCounts:
     datagrams: int = 0  # requests received
     rate_limited: int = 0  # requests not answered: over --udp-rate-limit
     dropped: int = 0  # replies not sent: no room within SEND_PATIENCE, or a send error
+    # From an address allowed to send PROXY protocol headers, a datagram that
+    # starts like one but is not: dropped unanswered (--proxy-protocol).
+    bad_proxy_header: int = 0
 
 
 class DatagramSocket(Protocol):
@@ -185,6 +189,7 @@ async def serve_udp(
     ascii_only: bool = False,
     limiter: ReplyRateLimiter | None = None,
     counts: UdpCounts | None = None,
+    proxy_allow: AllowList | None = None,
 ) -> NoReturn:
     """Answer every datagram that arrives on ``sock`` until cancelled.
 
@@ -202,6 +207,12 @@ async def serve_udp(
           :func:`~trio_upper.ratelimit.source_network`); refusals are counted,
           and the first of each run of refusals to one network is logged.
       counts: Incremented as datagrams come and go, for the server's summary.
+      proxy_allow: Senders whose datagrams may begin with a PROXY protocol
+          header (a load balancer, such as nginx with ``proxy_protocol on``):
+          the header is taken off, the rest is answered (to the sender, which
+          relays the reply), and the rate limit counts the client the header
+          names. A datagram from them that starts like a header but is not
+          one is dropped and counted.
 
     Resource handling:
       ``sock`` is left open: whoever bound it closes it.
@@ -223,7 +234,7 @@ async def serve_udp(
       :data:`SEND_PATIENCE` seconds (receiving pauses meanwhile, which is
       back-pressure); then it is dropped and counted.
     """
-    await _UdpLoop(sock, ascii_only, limiter, counts or UdpCounts()).run()
+    await _UdpLoop(sock, ascii_only, limiter, counts or UdpCounts(), proxy_allow).run()
 
 
 class _UdpLoop:
@@ -235,8 +246,10 @@ class _UdpLoop:
         ascii_only: bool,
         limiter: ReplyRateLimiter | None,
         counts: UdpCounts,
+        proxy_allow: AllowList | None,
     ) -> None:
         self.sock = sock
+        self.proxy_allow = proxy_allow
         self.ascii_only = ascii_only
         self.limit = max_payload(sock.family)
         self.limiter = limiter
@@ -290,7 +303,17 @@ class _UdpLoop:
         and its address if the send buffer was full, else None."""
         counts = self.counts
         counts.datagrams += 1
-        if self.limiter is not None and not self._allowed(sender[0]):
+        source = sender[0]
+        if self.proxy_allow is not None and self.proxy_allow.allows(source):
+            stripped = strip_datagram(request)
+            if stripped is None:
+                counts.bad_proxy_header += 1
+                logger.debug("%s: datagram from %s with a bad PROXY header", self.where, sender)
+                return None
+            header, request = stripped
+            if header is not None and header.source is not None:
+                source = header.source[0]
+        if self.limiter is not None and not self._allowed(source):
             return None
         reply = reply_for(request, ascii_only=self.ascii_only, limit=self.limit)
         try:
