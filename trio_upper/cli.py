@@ -225,6 +225,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="require client certificates signed by these PEM CAs: mutual TLS "
         "(default: no client certificate asked for)",
     )
+    serve.add_argument(
+        "--reuse-port",
+        action="store_true",
+        help="set SO_REUSEPORT, so that other servers started with it share the port "
+        "and the kernel spreads clients over them (default: a port in use is an error)",
+    )
     proxy = serve.add_argument_group(
         "behind a load balancer",
         "The PROXY protocol (v1 or v2), as nginx, HAProxy and cloud load balancers send it.",
@@ -377,6 +383,7 @@ def _server_config(args: argparse.Namespace) -> ServerConfig:
         else None,
         metrics=args.metrics,
         proxy_allow=proxy_allow,
+        reuse_port=args.reuse_port,
     )
 
 

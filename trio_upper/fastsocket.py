@@ -288,6 +288,9 @@ class FastSocketListener(trio.abc.Listener[FastSocketStream]):
         self._closed = False
         # Learned from the first connection: do accepted sockets inherit them?
         self._options_inherited: bool | None = None
+        # Set when the server stops: accept() then takes only connections
+        # already queued, and raises trio.WouldBlock rather than wait.
+        self.draining = False
 
     @classmethod
     def from_trio(cls, listener: trio.SocketListener) -> FastSocketListener:
@@ -307,6 +310,7 @@ class FastSocketListener(trio.abc.Listener[FastSocketStream]):
 
         Raises:
           trio.ClosedResourceError: the listener was closed.
+          trio.WouldBlock: :attr:`draining` is set and no connection waits.
           OSError: a resource error such as ``EMFILE`` (out of file
               descriptors), which the caller decides how to handle.
               Connections that were reset before we took them are skipped.
@@ -318,6 +322,8 @@ class FastSocketListener(trio.abc.Listener[FastSocketStream]):
             try:
                 sock, _ = self.socket.accept()
             except BlockingIOError:
+                if self.draining:
+                    raise trio.WouldBlock from None
                 await wait_readable(self.socket)
             except OSError as exc:
                 if exc.errno in _CLOSED_ERRNOS:

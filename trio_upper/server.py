@@ -25,7 +25,7 @@ import logging
 import math
 import socket
 import ssl
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, NamedTuple
@@ -39,7 +39,7 @@ from .fastsocket import FastSocketListener
 from .proxy import AllowList, ProxyListener
 from .ratelimit import DEFAULT_RATE, ReplyRateLimiter
 from .systemd import ListenFd
-from .tcp import TcpCounts, handle_stream, socket_of
+from .tcp import TcpCounts, handle_stream, socket_of, socket_owner
 from .udp import DatagramSocket, UdpCounts, UdpSocket, serve_udp
 
 __all__ = [
@@ -72,6 +72,15 @@ DEFAULT_MAX_CONNECTIONS = 10_000
 # slow-loris defence). Long enough for a person at the interactive client to
 # stop and think; 0 turns it off.
 DEFAULT_IDLE_TIMEOUT = 300.0
+
+# The listen queue asked for, as trio asks: the kernel caps it at
+# net.core.somaxconn (4096 on current Linux).
+_BACKLOG = 0xFFFF
+
+# The longest the listeners may take to take in what waits in their queues
+# when the server stops: each accept is immediate, so only something odd (a
+# run of EMFILE) makes it take long at all.
+_DRAIN_LIMIT = 1.0
 
 # Metrics connections handled at once: a scraper or two, and a person with
 # curl. More wait in the listen queue, as on the uppercase port.
@@ -110,6 +119,8 @@ class ServerConfig:
     metrics: tuple[str | None, int] | None = None
     # Who must send PROXY protocol headers (--proxy-protocol); None: no one.
     proxy_allow: AllowList | None = None
+    # SO_REUSEPORT on every socket, so that other servers may share the port.
+    reuse_port: bool = False
 
 
 @dataclass
@@ -165,12 +176,17 @@ def _where(host: str | None, port: int) -> str:
     return f"{host or 'all interfaces'} port {port}"
 
 
-async def _bind_udp(host: str | None, port: int) -> list[UdpSocket]:
-    """Bind a UDP socket on every address ``host`` resolves to, as
-    :func:`trio.open_tcp_listeners` does for TCP (same families, same rules)."""
-    addresses = await trio.socket.getaddrinfo(
-        host, port, type=socket.SOCK_DGRAM, flags=socket.AI_PASSIVE
-    )
+async def _bind_sockets(
+    host: str | None, port: int, kind: socket.SocketKind, *, reuse_port: bool
+) -> list[socket.socket]:
+    """Bind a socket of ``kind`` on every address ``host`` resolves to, as
+    :func:`trio.open_tcp_listeners` does for TCP (same families, same rules);
+    TCP sockets listen too.
+
+    This is what binds UDP, and TCP when ``reuse_port`` asks for
+    ``SO_REUSEPORT``, which trio's function cannot set before it binds.
+    """
+    addresses = await trio.socket.getaddrinfo(host, port, type=kind, flags=socket.AI_PASSIVE)
     sockets: list[socket.socket] = []
     try:
         for family, type_, proto, _, sockaddr in addresses:
@@ -183,18 +199,26 @@ async def _bind_udp(host: str | None, port: int) -> list[UdpSocket]:
                     continue
                 raise
             sockets.append(sock)
-            # No SO_REUSEADDR on UDP: on Linux it would let a second server
-            # bind the same port silently and steal half the datagrams.
+            if kind == socket.SOCK_STREAM:
+                # As trio does: restart at once despite connections in
+                # TIME_WAIT. Not for UDP: on Linux it would let a second
+                # server bind the same port silently and take half the
+                # datagrams; that is what --reuse-port says out loud.
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if reuse_port:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             if family == socket.AF_INET6:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             sock.bind(sockaddr)
+            if kind == socket.SOCK_STREAM:
+                sock.listen(_BACKLOG)
     except BaseException:
         for sock in sockets:
             sock.close()
         raise
     if not sockets:
         raise OSError(errno.EAFNOSUPPORT, "no usable address family")
-    return [UdpSocket(sock) for sock in sockets]
+    return sockets
 
 
 async def _take_over(bound: list[trio.SocketListener]) -> list[_TcpListener]:
@@ -214,11 +238,17 @@ async def _take_over(bound: list[trio.SocketListener]) -> list[_TcpListener]:
 async def _bind_at(config: ServerConfig, port: int) -> Bound:
     bound = Bound()
     try:
-        if config.tcp:
+        if config.tcp and not config.reuse_port:
             # trio resolves, binds and listens.
             bound.tcp = await _take_over(await trio.open_tcp_listeners(port, host=config.host))
+        elif config.tcp:
+            tcp = await _bind_sockets(config.host, port, socket.SOCK_STREAM, reuse_port=True)
+            bound.tcp = [FastSocketListener(sock) for sock in tcp]
         if config.udp:
-            bound.udp = await _bind_udp(config.host, port)
+            udp = await _bind_sockets(
+                config.host, port, socket.SOCK_DGRAM, reuse_port=config.reuse_port
+            )
+            bound.udp = [UdpSocket(sock) for sock in udp]
     except BaseException:
         await bound.aclose()
         raise
@@ -348,6 +378,58 @@ async def _bind_uppercase(config: ServerConfig) -> Bound:
         raise UserError(f"cannot serve on {_where(config.host, config.port)}: {reason}") from exc
 
 
+class _DrainOnClose(trio.abc.Listener[trio.abc.Stream]):
+    """The top of each listener chain that serve_listeners accepts from.
+
+    When closed, before it closes what it wraps, it accepts the connections
+    already waiting in the kernel's queue (while a slot is free) and starts
+    their handlers: a listening socket closed with connections in its queue
+    resets them, and a client that had already connected would see its
+    request fail. So a server that stops answers everyone who reached it in
+    time; behind a load balancer, a rolling restart fails no request. Only
+    a :class:`~trio_upper.fastsocket.FastSocketListener` at the bottom can
+    say "nothing more is waiting" (``draining``); with any other, closing
+    is immediate, as before.
+    """
+
+    def __init__(
+        self,
+        transport_listener: _TcpListener,
+        slots: ConnectionSlots,
+        start_handler: Callable[[trio.abc.Stream], object],
+    ) -> None:
+        self.transport_listener = transport_listener
+        self._slots = slots
+        self._start_handler = start_handler
+
+    async def accept(self) -> trio.abc.Stream:
+        return await self.transport_listener.accept()
+
+    async def aclose(self) -> None:
+        # Closing happens as accepting is cancelled; the drain must run all
+        # the same, and is bounded on its own.
+        with trio.CancelScope(shield=True):
+            with trio.move_on_after(_DRAIN_LIMIT):
+                await self._drain()
+            await self.transport_listener.aclose()
+
+    async def _drain(self) -> None:
+        bottom = socket_owner(self)
+        if not isinstance(bottom, FastSocketListener):
+            return
+        bottom.draining = True
+        drained = 0
+        while not self._slots.all_taken:
+            try:
+                stream = await self.transport_listener.accept()
+            except (trio.WouldBlock, trio.ClosedResourceError, OSError):
+                break
+            self._start_handler(stream)
+            drained += 1
+        if drained:
+            logger.debug("stopping: took %d connections waiting in the queue", drained)
+
+
 class UpperServer:
     """The uppercase service: TCP and UDP, run under one nursery.
 
@@ -465,16 +547,19 @@ class UpperServer:
             # handshake itself runs in the handler, bounded by its idle
             # timeout, and holds up no one else.
             capped = [trio.SSLListener(c, tls, https_compatible=False) for c in capped]
+
+        def start_handler(stream: trio.abc.Stream) -> None:
+            handlers.start_soon(self._handle, stream)
+
+        tops = [_DrainOnClose(c, slots, start_handler) for c in capped]
         with self._accepting, contextlib.ExitStack() as udp_closer:
             for sock in udp_sockets:
                 udp_closer.callback(sock.close)
             async with trio.open_nursery() as accepting:
-                if capped:
+                if tops:
                     # serve_listeners closes the listeners when cancelled.
                     await accepting.start(
-                        partial(
-                            trio.serve_listeners, self._handle, capped, handler_nursery=handlers
-                        )
+                        partial(trio.serve_listeners, self._handle, tops, handler_nursery=handlers)
                     )
                 if metrics_listeners:
                     await accepting.start(self._serve_metrics, metrics_listeners)

@@ -21,7 +21,14 @@ import trio
 from .errors import host_port
 from .transform import Uppercaser
 
-__all__ = ["TcpCounts", "describe_peer", "handle_stream", "peer_address", "socket_of"]
+__all__ = [
+    "TcpCounts",
+    "describe_peer",
+    "handle_stream",
+    "peer_address",
+    "socket_of",
+    "socket_owner",
+]
 
 logger = logging.getLogger("trio_upper.tcp")
 
@@ -85,10 +92,17 @@ def socket_of(resource: object) -> SocketLike | None:
     (:class:`trio.SocketStream`,
     :class:`~trio_upper.fastsocket.FastSocketStream` and their listeners).
     """
+    owner = socket_owner(resource)
+    sock: SocketLike | None = getattr(owner, "socket", None)
+    return sock
+
+
+def socket_owner(resource: object) -> object | None:
+    """The layer beneath a stream or listener that holds its socket: what
+    :func:`socket_of` gets the socket from."""
     for layer in _layers(resource):
-        sock: SocketLike | None = getattr(layer, "socket", None)
-        if sock is not None:
-            return sock
+        if getattr(layer, "socket", None) is not None:
+            return layer
     return None
 
 
