@@ -9,16 +9,18 @@ reaches the user unless they ask for one with ``-v``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import math
 import os
 import signal
+import socket
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 
 import trio
 
-from . import __version__, metrics, proxy, systemd, tls
+from . import __version__, metrics, proxy, systemd, tls, workers
 from .errors import UserError, leaves, plural
 from .proxy import DEFAULT_ALLOW
 from .ratelimit import DEFAULT_RATE
@@ -27,10 +29,15 @@ from .server import (
     DEFAULT_IDLE_TIMEOUT,
     DEFAULT_MAX_CONNECTIONS,
     DEFAULT_PORT,
+    Bound,
     Endpoint,
     ServerConfig,
     ServerStats,
     UpperServer,
+    adopt_and_bind_metrics,
+    bind,
+    listener_endpoint,
+    listener_socket,
 )
 from .stdio import (
     DEFAULT_HOST,
@@ -226,6 +233,14 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: no client certificate asked for)",
     )
     serve.add_argument(
+        "--workers",
+        type=_positive_count,
+        default=1,
+        metavar="N",
+        help="serve from N processes, each a full server on the same sockets, supervised "
+        "by this one; limits apply to each (default: %(default)s, this process alone)",
+    )
+    serve.add_argument(
         "--reuse-port",
         action="store_true",
         help="set SO_REUSEPORT, so that other servers started with it share the port "
@@ -339,9 +354,10 @@ def _client_target(command: argparse.ArgumentParser) -> None:
 
 
 def _say(args: argparse.Namespace, message: str) -> None:
-    """Print a status line unless -q. A server whose stdout has gone (a
-    closed pipe, a full disk) keeps serving: it just stops saying so."""
-    if args.quiet:
+    """Print a status line unless -q, or in a worker (whose stdout is its
+    parent's). A server whose stdout has gone (a closed pipe, a full disk)
+    keeps serving: it just stops saying so."""
+    if args.quiet or getattr(args, "worker", None):
         return
     try:
         print(message, flush=True)
@@ -417,6 +433,9 @@ def _ready_line(served: list[Endpoint], inherited: bool) -> str:
 
 
 async def _serve(args: argparse.Namespace) -> None:
+    if args.workers > 1:
+        await _serve_with_workers(args)
+        return
     inherited = _inherited_sockets(args)
     config = _server_config(args)
     server = UpperServer(config)
@@ -430,13 +449,11 @@ async def _serve(args: argparse.Namespace) -> None:
                 nursery.cancel_scope.cancel()
 
             served: list[Endpoint] = await nursery.start(run)
-            ready = _ready_line(served, inherited is not None)
-            _say(args, f"{ready} (Ctrl-C to stop)")
-            systemd.notify("READY=1", f"STATUS={ready}")
-            if (interval := systemd.watchdog_interval()) is not None:
-                # In this nursery, beside the server: a stuck event loop
-                # stops the pings, and systemd restarts us.
-                nursery.start_soon(systemd.watchdog, interval)
+            if args.worker:
+                workers.report("ready", served=[list(endpoint) for endpoint in served])
+                nursery.start_soon(workers.watch_parent, server.shutdown)
+                nursery.start_soon(workers.report_stats, server.stats)
+            _announce(args, _ready_line(served, inherited is not None), nursery)
             async for signum in signals:
                 if server.stopping:
                     _say(args, "Stopping now.")
@@ -456,14 +473,133 @@ async def _serve(args: argparse.Namespace) -> None:
                         args,
                         f"{name}: refusing new connections; {waiting} (Ctrl-C again to stop now)",
                     )
+    if args.worker:
+        workers.report("stopped", stats=workers.stats_fields(server.stats))
     _say(args, _summary(server.stats))
 
 
-def _summary(stats: ServerStats) -> str:
+def _announce(args: argparse.Namespace, ready: str, nursery: trio.Nursery) -> None:
+    """Say that the server is ready: on stdout, to systemd, and from now on
+    to its watchdog."""
+    _say(args, f"{ready} (Ctrl-C to stop)")
+    systemd.notify("READY=1", f"STATUS={ready}")
+    if (interval := systemd.watchdog_interval()) is not None:
+        # In this nursery, beside the server: a stuck event loop stops the
+        # pings, and systemd restarts us.
+        nursery.start_soon(systemd.watchdog, interval)
+
+
+async def _serve_with_workers(args: argparse.Namespace) -> None:
+    """The parent of --workers: bind, run the workers, say what they do
+    together. See :mod:`trio_upper.workers`."""
+    inherited = _inherited_sockets(args)
+    config = _server_config(args)
+    sets: list[Bound] = []
+    # As in _serve: from before binding, a signal is a shutdown.
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        try:
+            await _bind_for_workers(args.workers, config, inherited, sets)
+            handed_down = [
+                [systemd.ListenFd(listener_socket(tcp), "tcp") for tcp in bound.tcp]
+                + [systemd.ListenFd(sock.socket, "udp") for sock in bound.udp]
+                for bound in sets
+            ]
+            supervisor = workers.Supervisor(
+                args.workers, _worker_args(args), handed_down, config.grace
+            )
+            async with trio.open_nursery() as nursery:
+
+                async def run(task_status: trio.TaskStatus[list[Endpoint]]) -> None:
+                    await supervisor.run(task_status=task_status)
+                    nursery.cancel_scope.cancel()
+
+                served: list[Endpoint] = list(await nursery.start(run))
+                if http := sets[0].metrics:
+                    await nursery.start(metrics.serve_metrics, http, supervisor.stats)
+                    served += [listener_endpoint(listener, "metrics") for listener in http]
+                ready = _ready_line(served, inherited is not None)
+                _announce(args, f"{ready}; {plural(args.workers, 'worker')}", nursery)
+                async for signum in signals:
+                    if supervisor.stopping:
+                        _say(args, "Stopping now.")
+                        supervisor.stop()
+                        continue
+                    supervisor.stop()
+                    systemd.notify("STOPPING=1", "STATUS=Stopping: workers refuse new connections")
+                    name = signal.Signals(signum).name
+                    _say(
+                        args,
+                        f"{name}: stopping {plural(args.workers, 'worker')}; open connections "
+                        f"get up to {config.grace:g} s (Ctrl-C again to stop now)",
+                    )
+        finally:
+            for bound in {id(bound): bound for bound in sets}.values():
+                await bound.aclose()
+    _say(args, _summary(supervisor.stats, workers=args.workers))
+
+
+async def _bind_for_workers(
+    count: int, config: ServerConfig, inherited: list[systemd.ListenFd] | None, sets: list[Bound]
+) -> None:
+    """Fill ``sets`` with the sockets of each worker (see workers.py for
+    why each gets its own where it can). ``sets`` holds what was bound so
+    far if this raises, for the caller to close."""
+    if inherited is not None:
+        # systemd's one set: every worker waits on it.
+        sets += [await adopt_and_bind_metrics(inherited, config)] * count
+        return
+    if not hasattr(socket, "SO_REUSEPORT"):
+        sets += [await bind(config)] * count
+        return
+    config = dataclasses.replace(config, reuse_port=True)
+    sets.append(await bind(config))
+    # The others on the port the first found (with --port 0), without metrics.
+    first = sets[0]
+    port = first.udp[0].getsockname()[1] if first.udp else listener_endpoint(first.tcp[0]).port
+    again = dataclasses.replace(config, port=port, metrics=None)
+    for _ in range(count - 1):
+        sets.append(await bind(again))
+
+
+def _worker_args(args: argparse.Namespace) -> list[str]:
+    """The flags every worker gets: the server's own. --host, --port and
+    --reuse-port were for the parent's binding, --metrics the parent serves,
+    --workers is the parent's."""
+    forwarded = [
+        "--grace", repr(args.grace),
+        "--max-connections", str(args.max_connections),
+        "--idle-timeout", repr(args.idle_timeout),
+        "--udp-rate-limit", repr(args.udp_rate_limit),
+    ]  # fmt: skip
+    for flag, on in [
+        ("--tcp-only", args.tcp_only),
+        ("--udp-only", args.udp_only),
+        ("--ascii", args.ascii),
+        ("--proxy-protocol", args.proxy_protocol),
+        ("--verbose", args.verbose),
+        ("--quiet", args.quiet),
+    ]:
+        if on:
+            forwarded.append(flag)
+    for flag, value in [
+        ("--certfile", args.certfile),
+        ("--keyfile", args.keyfile),
+        ("--ca-certs", args.ca_certs),
+    ]:
+        if value is not None:
+            forwarded += [flag, os.path.abspath(value)]
+    if args.proxy_allow_from is not None:
+        forwarded += ["--proxy-allow-from", ",".join(map(str, args.proxy_allow_from))]
+    return forwarded
+
+
+def _summary(stats: ServerStats, workers: int = 1) -> str:
     summary = (
         f"Stopped: served {plural(stats.connections, 'TCP connection')} and "
         f"{plural(stats.udp.datagrams, 'datagram')}"
     )
+    if workers > 1:
+        summary += f" with {plural(workers, 'worker')}"
     if stats.cut_off:
         summary += (
             f"; {plural(stats.cut_off, 'connection')} cut off at the end of the grace period"
@@ -511,9 +647,10 @@ async def _udp(args: argparse.Namespace) -> None:
 
 def _configure_logging(args: argparse.Namespace) -> None:
     level = logging.DEBUG if args.verbose else logging.ERROR if args.quiet else logging.WARNING
+    who = f"worker {args.worker} " if args.worker else ""
     logging.basicConfig(
         level=level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        format=f"%(asctime)s %(levelname)s {who}%(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
 
@@ -555,6 +692,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit status."""
     _open_missing_std_fds()
     args = build_parser().parse_args(argv)
+    # A worker of `serve --workers` (workers.py); taken out of the
+    # environment so that nothing the worker starts believes it is one.
+    args.worker = os.environ.pop(workers.WORKER_VARIABLE, None) if args.run is _serve else None
     _configure_logging(args)
     run: Callable[[argparse.Namespace], Awaitable[None]] = args.run
     try:

@@ -19,18 +19,29 @@ every connection is closed after one response.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from functools import partial
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
 
 import trio
 
+from .capacity import CapacityListener, ConnectionSlots
 from .errors import UserError
 
 if TYPE_CHECKING:
     from .server import ServerStats
 
-__all__ = ["MAX_REQUEST_HEAD", "PATH", "REQUEST_TIMEOUT", "handle_http", "renderer", "require"]
+__all__ = [
+    "MAX_CONNECTIONS",
+    "MAX_REQUEST_HEAD",
+    "PATH",
+    "REQUEST_TIMEOUT",
+    "handle_http",
+    "renderer",
+    "require",
+    "serve_metrics",
+]
 
 logger = logging.getLogger("trio_upper.metrics")
 
@@ -44,6 +55,10 @@ REQUEST_TIMEOUT = 10.0
 # The most bytes of request line and headers we hold; Prometheus sends a few
 # hundred. Past it, h11 refuses the request (400).
 MAX_REQUEST_HEAD = 8192
+
+# Metrics connections handled at once: a scraper or two, and a person with
+# curl. More wait in the listen queue, as on the uppercase port.
+MAX_CONNECTIONS = 8
 
 # Bytes read at a time: a request head is small.
 _RECEIVE_SIZE = 4096
@@ -123,6 +138,22 @@ def renderer(stats: ServerStats) -> Callable[[], bytes]:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_StatsCollector(stats))
     return lambda: generate_latest(registry)
+
+
+async def serve_metrics(
+    listeners: Sequence[trio.abc.Listener[Any]],
+    stats: ServerStats,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve ``stats`` on ``listeners`` until cancelled, through
+    :func:`trio.serve_listeners`, at most :data:`MAX_CONNECTIONS` at once.
+    The listeners are closed when this is cancelled."""
+    render = renderer(stats)
+    slots = ConnectionSlots(MAX_CONNECTIONS)
+    capped = [CapacityListener(listener, slots) for listener in listeners]
+    task_status.started()
+    await trio.serve_listeners(partial(handle_http, render=render), capped)
 
 
 async def handle_http(stream: trio.abc.Stream, render: Callable[[], bytes]) -> None:

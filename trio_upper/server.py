@@ -82,10 +82,6 @@ _BACKLOG = 0xFFFF
 # run of EMFILE) makes it take long at all.
 _DRAIN_LIMIT = 1.0
 
-# Metrics connections handled at once: a scraper or two, and a person with
-# curl. More wait in the listen queue, as on the uppercase port.
-_METRICS_CONNECTIONS = 8
-
 # With --port 0 the OS picks a free TCP port, and UDP (and the other address
 # family) must then bind that same number. Something else may hold it on UDP,
 # or grab it in between: try a few fresh ports before giving up.
@@ -164,7 +160,15 @@ def _endpoint(protocol: str, sockaddr: tuple[Any, ...]) -> Endpoint:
     return Endpoint(protocol, sockaddr[0], sockaddr[1])
 
 
-def _listener_endpoint(listener: _TcpListener, protocol: str = "tcp") -> Endpoint:
+def listener_socket(listener: _TcpListener) -> socket.socket:
+    """The standard-library socket of a listener that :func:`bind` made, to
+    hand to another process."""
+    sock = socket_of(listener)
+    assert isinstance(sock, socket.socket), listener
+    return sock
+
+
+def listener_endpoint(listener: _TcpListener, protocol: str = "tcp") -> Endpoint:
     sock = socket_of(listener)
     if sock is None:
         # A listener with no socket (the tests' in-memory one).
@@ -328,6 +332,14 @@ def adopt(inherited: Sequence[ListenFd], config: ServerConfig) -> Bound:
     return bound
 
 
+async def adopt_and_bind_metrics(inherited: Sequence[ListenFd], config: ServerConfig) -> Bound:
+    """:func:`adopt`, and the metrics listeners if ``config`` asks for them
+    and none was inherited."""
+    bound = adopt(inherited, config)
+    await _bind_metrics(config, bound)
+    return bound
+
+
 async def _free_port(host: str | None) -> int:
     probe = await trio.open_tcp_listeners(0, host=host)
     port: int = probe[0].socket.getsockname()[1]
@@ -469,8 +481,7 @@ class UpperServer:
         if inherited is None:
             bound = await bind(self.config)
         else:
-            bound = adopt(inherited, self.config)
-            await _bind_metrics(self.config, bound)
+            bound = await adopt_and_bind_metrics(inherited, self.config)
         return await self.serve(
             bound.tcp, bound.udp, metrics_listeners=bound.metrics, task_status=task_status
         )
@@ -534,9 +545,9 @@ class UpperServer:
         listener and UDP socket."""
         tls = self.config.tls
         tcp = "tcp" if tls is None else "tcp+tls"
-        served = [_listener_endpoint(listener, tcp) for listener in listeners]
+        served = [listener_endpoint(listener, tcp) for listener in listeners]
         served += [_endpoint("udp", sock.getsockname()) for sock in udp_sockets]
-        served += [_listener_endpoint(listener, "metrics") for listener in metrics_listeners]
+        served += [listener_endpoint(listener, "metrics") for listener in metrics_listeners]
         slots = ConnectionSlots(self.config.max_connections)
         capped: list[_TcpListener] = [CapacityListener(listener, slots) for listener in listeners]
         if self.config.proxy_allow is not None:
@@ -562,7 +573,7 @@ class UpperServer:
                         partial(trio.serve_listeners, self._handle, tops, handler_nursery=handlers)
                     )
                 if metrics_listeners:
-                    await accepting.start(self._serve_metrics, metrics_listeners)
+                    await accepting.start(metrics.serve_metrics, metrics_listeners, self.stats)
                 for sock in udp_sockets:
                     accepting.start_soon(
                         partial(
@@ -576,19 +587,6 @@ class UpperServer:
                     )
                 logger.debug("serving on %s", ", ".join(map(str, served)))
                 task_status.started(served)
-
-    async def _serve_metrics(
-        self,
-        listeners: Sequence[_TcpListener],
-        *,
-        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
-    ) -> None:
-        """Serve the metrics until cancelled, a few connections at a time."""
-        render = metrics.renderer(self.stats)
-        slots = ConnectionSlots(_METRICS_CONNECTIONS)
-        capped = [CapacityListener(listener, slots) for listener in listeners]
-        task_status.started()
-        await trio.serve_listeners(partial(metrics.handle_http, render=render), capped)
 
     def shutdown(self, grace: float | None = None) -> None:
         """Stop accepting now; cancel connections still open ``grace`` seconds

@@ -170,6 +170,11 @@ class UdpSocket:
     def family(self) -> int:
         return self._sock.family
 
+    @property
+    def socket(self) -> socket.socket:
+        """The standard-library socket, to hand to another process."""
+        return self._sock
+
     def getsockname(self) -> Any:
         return self._sock.getsockname()
 
