@@ -439,6 +439,10 @@ async def _serve(args: argparse.Namespace) -> None:
     inherited = _inherited_sockets(args)
     config = _server_config(args)
     server = UpperServer(config)
+    # Whoever passed us sockets holds them too: once we close ours, new
+    # connections wait in their queues (for the next start) and are not
+    # refused.
+    refusing = "refusing new connections" if inherited is None else "not accepting new connections"
     # Signals are caught from before binding, so that a Ctrl-C at any moment
     # is a shutdown and never a KeyboardInterrupt traceback.
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
@@ -460,7 +464,7 @@ async def _serve(args: argparse.Namespace) -> None:
                     server.shutdown(grace=0)
                     continue
                 server.shutdown()
-                systemd.notify("STOPPING=1", "STATUS=Stopping: refusing new connections")
+                systemd.notify("STOPPING=1", f"STATUS=Stopping: {refusing}")
                 await server.stopped_accepting()
                 name = signal.Signals(signum).name
                 if server.stats.active:
@@ -469,10 +473,7 @@ async def _serve(args: argparse.Namespace) -> None:
                         f"for {plural(server.stats.active, 'open connection')}"
                     )
                     systemd.notify(f"STATUS=Stopping: {waiting}")
-                    _say(
-                        args,
-                        f"{name}: refusing new connections; {waiting} (Ctrl-C again to stop now)",
-                    )
+                    _say(args, f"{name}: {refusing}; {waiting} (Ctrl-C again to stop now)")
     if args.worker:
         workers.report("stopped", stats=workers.stats_fields(server.stats))
     _say(args, _summary(server.stats))

@@ -26,6 +26,10 @@ BURST_SECONDS = 2.0
 # 230 bytes (tracemalloc, CPython 3.11, source_network keys): 15 MB at most.
 MAX_KEYS = 65_536
 
+# How recvfrom on an IPv6 socket writes an IPv4 sender, ::ffff:192.0.2.1
+# (RFC 4291 2.5.5.2).
+_MAPPED = "::ffff:"
+
 
 def source_network(address: str) -> str:
     """The key for replies to ``address`` (an IP address as ``recvfrom``
@@ -38,11 +42,10 @@ def source_network(address: str) -> str:
     """
     if ":" not in address:
         return address.rpartition(".")[0]
-    if address.startswith("::ffff:") and "." in address:
-        # An IPv4 client of a dual-stack IPv6 socket (as systemd's
-        # ListenDatagram=12000 makes): its /24, not the /56 that every
-        # IPv4 address would share.
-        return address[7:].rpartition(".")[0]
+    if address.startswith(_MAPPED) and "." in address:
+        # An IPv4 client of a socket that takes both families (a systemd
+        # socket unit's [::]:12000): counted in its /24, like any other.
+        return address[len(_MAPPED) :].rpartition(".")[0]
     # A link-local address comes with its scope ("fe80::1%eth0").
     return socket.inet_pton(socket.AF_INET6, address.partition("%")[0])[:7].hex()
 
@@ -54,8 +57,8 @@ def network_label(address: str) -> str:
     Raises:
       ValueError: if ``address`` is not an IP address.
     """
-    if address.startswith("::ffff:") and "." in address:
-        address = address[7:]
+    if address.startswith(_MAPPED) and "." in address:
+        address = address[len(_MAPPED) :]
     prefix = 24 if ":" not in address else 56
     return str(ipaddress.ip_network(f"{address.partition('%')[0]}/{prefix}", strict=False))
 

@@ -295,7 +295,8 @@ def adopt(inherited: Sequence[ListenFd], config: ServerConfig) -> Bound:
 
     Raises:
       UserError: a socket of another kind (a Unix socket, a TCP socket that
-          is not listening), or one that ``config`` contradicts.
+          is not listening), one that ``config`` contradicts, none to serve
+          uppercase on, or TLS asked for with no TCP socket to serve it on.
     """
     bound = Bound()
     try:
@@ -325,6 +326,13 @@ def adopt(inherited: Sequence[ListenFd], config: ServerConfig) -> Bound:
             except ValueError:
                 raise UserError(f"an inherited socket ({where}) is not listening") from None
             (bound.metrics if for_metrics else bound.tcp).append(listener)
+        if not bound.tcp and not bound.udp:
+            raise UserError(
+                "no inherited socket to serve uppercase on (a socket named 'metrics' "
+                "serves only the metrics)"
+            )
+        if config.tls is not None and not bound.tcp:
+            raise UserError("--certfile is for TCP, and every inherited socket is UDP")
     except BaseException:
         for passed in inherited:
             passed.socket.close()

@@ -82,6 +82,12 @@ def max_payload(family: int) -> int:
     return MAX_PAYLOAD_IPV6 if family == socket.AF_INET6 else MAX_PAYLOAD_IPV4
 
 
+def _mapped_ipv4(address: str) -> bool:
+    """Whether ``address`` is an IPv4 one as an IPv6 socket gives it
+    (``::ffff:192.0.2.1``)."""
+    return address.startswith("::ffff:") and "." in address
+
+
 def reply_for(request: bytes, *, ascii_only: bool = False, limit: int) -> bytes:
     """The reply datagram for one request datagram.
 
@@ -321,6 +327,10 @@ class _UdpLoop:
         if self.limiter is not None and not self._allowed(source):
             return None
         reply = reply_for(request, ascii_only=self.ascii_only, limit=self.limit)
+        if len(reply) > MAX_PAYLOAD_IPV4 and _mapped_ipv4(sender[0]):
+            # An IPv4 client of an IPv6 socket that takes both families (as
+            # a systemd socket unit's [::]:12000 does): IPv4 carries less.
+            reply = reply_for(request, ascii_only=self.ascii_only, limit=MAX_PAYLOAD_IPV4)
         try:
             self.sock.sendto_nowait(reply, sender)
         except BlockingIOError:
