@@ -237,8 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive_count,
         default=1,
         metavar="N",
-        help="serve from N processes, each a full server on the same sockets, supervised "
-        "by this one; limits apply to each (default: %(default)s, this process alone)",
+        help="serve from N worker processes on the one port, supervised by this one; "
+        "limits apply to each worker (default: %(default)s, this process alone)",
     )
     serve.add_argument(
         "--reuse-port",
