@@ -8,13 +8,11 @@ import contextlib
 import logging
 import os
 import re
-import select
 import signal
 import socket
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,23 +22,24 @@ import trio_upper
 from trio_upper.cli import _exit_status
 from trio_upper.errors import UserError
 
-from .conftest import PROCESS_TIMEOUT, ServerProcess, cli, run_cli
+from .helpers import (
+    PROCESS_TIMEOUT,
+    OutputReader,
+    ServerProcess,
+    cli,
+    entry_for,
+    help_entries,
+    recv_exactly,
+    recv_until_eof,
+    run_cli,
+    serving,
+    usage_error_line,
+)
 
 if sys.version_info < (3, 11):
     from exceptiongroup import BaseExceptionGroup, ExceptionGroup
 
 # --- Helpers ------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def serving(*flags: str) -> Iterator[ServerProcess]:
-    """Our server on 127.0.0.1, a port of the OS's choosing, with extra
-    ``serve`` flags; killed at the end whatever happened."""
-    server = ServerProcess(cli("serve", "--host", "127.0.0.1", "--port", "0", *flags))
-    try:
-        yield server
-    finally:
-        server.stop(signal.SIGKILL)
 
 
 def free_port(kind: socket.SocketKind) -> int:
@@ -61,93 +60,9 @@ def error_line(result: subprocess.CompletedProcess[bytes]) -> str:
     return lines[0]
 
 
-def usage_error_line(result: subprocess.CompletedProcess[bytes], command: str) -> str:
-    """argparse's answer to bad usage: status 2, nothing on stdout, the usage
-    and then exactly one error line, no traceback."""
-    assert result.returncode == 2
-    assert result.stdout == b""
-    assert b"Traceback" not in result.stderr
-    lines = result.stderr.decode().splitlines()
-    prog = f"trio-upper {command}" if command else "trio-upper"
-    assert lines[0].startswith(f"usage: {prog} ")
-    errors = [line for line in lines if "error:" in line]
-    assert errors == [lines[-1]], lines
-    assert lines[-1].startswith(f"{prog}: error: ")
-    return lines[-1]
-
-
-def read_stdout_until(server: ServerProcess, marker: str) -> str:
-    """Read the server's stdout (after its first line) until ``marker`` has
-    appeared; return all of it. Reads the file descriptor directly, as
-    ``ServerProcess.stop`` (``communicate``) does, so nothing is lost between
-    the two."""
-    assert server.proc.stdout is not None
-    fd = server.proc.stdout.fileno()
-    seen = b""
-    deadline = time.monotonic() + PROCESS_TIMEOUT
-    while marker.encode() not in seen:
-        remaining = deadline - time.monotonic()
-        assert remaining > 0, f"the server never printed {marker!r}; got {seen!r}"
-        ready, _, _ = select.select([fd], [], [], remaining)
-        if ready:
-            chunk = os.read(fd, 4096)
-            assert chunk, f"the server's stdout ended before {marker!r}: {seen!r}"
-            seen += chunk
-    return seen.decode()
-
-
-def wait_for_exit(server: ServerProcess) -> tuple[int, str, str]:
-    """Wait for the server to exit by itself (no further signal), then
-    collect (exit status, rest of stdout, stderr)."""
-    server.proc.wait(timeout=PROCESS_TIMEOUT)
-    return server.stop()
-
-
-def recv_exactly(conn: socket.socket, size: int) -> bytes:
-    data = b""
-    while len(data) < size:
-        chunk = conn.recv(size - len(data))
-        assert chunk, f"EOF after {len(data)} of {size} bytes"
-        data += chunk
-    return data
-
-
-def recv_until_eof(conn: socket.socket) -> bytes:
-    data = b""
-    while chunk := conn.recv(65536):
-        data += chunk
-    return data
-
-
 def assert_refused(port: int) -> None:
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection(("127.0.0.1", port), timeout=PROCESS_TIMEOUT).close()
-
-
-def help_entries(text: str) -> dict[str, str]:
-    """argparse help as {invocation: help text}: ``"-p PORT, --port PORT"``
-    maps to ``"port for both ... (default: 12000)"``, whitespace normalised."""
-    entries: dict[str, str] = {}
-    current: str | None = None
-    for line in text.splitlines():
-        if re.match(r"  \S", line):
-            current, _, rest = re.sub(r"^\s+", "", line).partition("  ")
-            entries[current] = rest.strip()
-        elif current is not None and re.match(r"\s{3,}\S", line):
-            entries[current] = f"{entries[current]} {line.strip()}".strip()
-        else:
-            current = None
-    return entries
-
-
-def entry_for(entries: dict[str, str], option: str) -> str:
-    found = [
-        help_text
-        for invocation, help_text in entries.items()
-        if option in re.split(r"[,\s]+", invocation)
-    ]
-    assert len(found) == 1, f"{option} in {list(entries)}"
-    return found[0]
 
 
 # --- Version, help and usage ----------------------------------------------------
@@ -289,16 +204,13 @@ def test_serve_names_every_address_it_serves(server_process: ServerProcess) -> N
 
 
 def test_serve_on_all_interfaces_names_each_with_one_port() -> None:
-    server = ServerProcess(cli("serve", "--port", "0"))
-    try:
+    with ServerProcess(cli("serve", "--port", "0")) as server:
         found = re.findall(r"\b(tcp|udp) (\S+?):(\d+)", server.first_line)
         assert {port for _, _, port in found} == {str(server.port)}
         tcp_hosts = {host for protocol, host, _ in found if protocol == "tcp"}
         udp_hosts = {host for protocol, host, _ in found if protocol == "udp"}
         assert "0.0.0.0" in tcp_hosts
         assert tcp_hosts == udp_hosts
-    finally:
-        server.stop(signal.SIGKILL)
 
 
 # --- tcp client over a pipe -------------------------------------------------------
@@ -482,7 +394,7 @@ def test_sigterm_lets_open_connection_finish_and_refuses_new_ones(
         # The reply proves the server accepted the connection before SIGTERM.
         received = recv_exactly(conn, 3)
         server_process.proc.send_signal(signal.SIGTERM)
-        notice = read_stdout_until(server_process, "\n")
+        notice = server_process.stdout.read_until(b"\n").decode()
         assert notice.startswith("SIGTERM: refusing new connections")
         assert "1 open connection" in notice
         assert_refused(port)  # the notice is printed once listening has stopped
@@ -492,10 +404,10 @@ def test_sigterm_lets_open_connection_finish_and_refuses_new_ones(
         received += recv_until_eof(conn)
     assert received == b"ABCDEF"
 
-    status, out, err = wait_for_exit(server_process)
+    status, out, err = server_process.wait_for_exit()
     assert status == 0
     assert "Traceback" not in err
-    summary = (notice + out).splitlines()[-1]
+    summary = out.splitlines()[-1]
     assert summary.startswith("Stopped: served ")
     assert "cut off" not in summary
 
@@ -510,7 +422,7 @@ def test_sigterm_cuts_off_idle_connection_after_grace() -> None:
         server.proc.send_signal(signal.SIGTERM)
         # The idle connection is closed by the server at the end of the grace.
         assert recv_until_eof(conn) == b""
-        status, out, err = wait_for_exit(server)
+        status, out, err = server.wait_for_exit()
     assert status == 0
     assert "Traceback" not in err
     lines = out.splitlines()
@@ -528,13 +440,13 @@ def test_second_signal_stops_at_once(server_process: ServerProcess) -> None:
         conn.sendall(b"x")
         assert recv_exactly(conn, 1) == b"X"
         server_process.proc.send_signal(signal.SIGTERM)
-        notice = read_stdout_until(server_process, "Ctrl-C again to stop now")
+        server_process.stdout.read_until(b"Ctrl-C again to stop now")
         server_process.proc.send_signal(signal.SIGINT)
         assert recv_until_eof(conn) == b""
-        status, out, err = wait_for_exit(server_process)
+        status, out, err = server_process.wait_for_exit()
     assert status == 0
     assert "Traceback" not in err
-    lines = (notice + out).splitlines()
+    lines = out.splitlines()
     assert "Stopping now." in lines
     assert lines[-1].endswith("1 connection cut off at the end of the grace period.")
 
@@ -708,36 +620,21 @@ class Terminal:
             raise
         finally:
             os.close(slave)  # the child's copies are the only ones left: EOF at its exit
-        self.screen = b""
+        self.output = OutputReader(self.master, "the terminal")
+
+    @property
+    def screen(self) -> bytes:
+        return self.output.seen
 
     def press(self, keys: bytes) -> None:
         os.write(self.master, keys)
 
-    def _read(self, deadline: float) -> bool:
-        """Read what is on the screen so far; False at the end (the child
-        and every copy of the slave are gone)."""
-        remaining = deadline - time.monotonic()
-        assert remaining > 0, f"hang guard: the terminal shows {self.screen!r}"
-        ready, _, _ = select.select([self.master], [], [], remaining)
-        if not ready:
-            return True
-        try:
-            chunk = os.read(self.master, 4096)
-        except OSError:  # EIO: the slave side is closed
-            return False
-        self.screen += chunk
-        return bool(chunk)
-
     def read_until(self, marker: bytes) -> None:
-        deadline = time.monotonic() + PROCESS_TIMEOUT
-        while marker not in self.screen:
-            assert self._read(deadline), f"{marker!r} never appeared: {self.screen!r}"
+        self.output.read_until(marker)
 
     def wait(self) -> int:
         """Read the screen to the end; return the exit status."""
-        deadline = time.monotonic() + PROCESS_TIMEOUT
-        while self._read(deadline):
-            pass
+        self.output.read_to_end()
         return self.proc.wait(timeout=PROCESS_TIMEOUT)
 
     def close(self) -> None:

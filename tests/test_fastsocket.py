@@ -21,7 +21,7 @@ import trio.testing
 from trio_upper.fastsocket import FastSocketListener, FastSocketStream
 from trio_upper.server import ServerConfig, bind
 
-from .conftest import LoopbackServer, receive_exactly
+from .helpers import LoopbackServer, receive_exactly
 
 
 def _listening_socket() -> socket.socket:

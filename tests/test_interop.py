@@ -6,26 +6,19 @@ from __future__ import annotations
 
 import contextlib
 import re
-import signal
 import subprocess
 import threading
-from collections.abc import Iterator
 
-from .conftest import PROCESS_TIMEOUT, ServerProcess, cli, lecture_program, run_cli
+from .helpers import PROCESS_TIMEOUT, ServerProcess, cli, lecture_program, run_cli
 
 # The lecture servers read at most this much per connection or datagram.
 LECTURE_RECEIVE_SIZE = 2048
 
 
-@contextlib.contextmanager
-def lecture_server(name: str) -> Iterator[ServerProcess]:
+def lecture_server(name: str) -> ServerProcess:
     """The lecture's TCPServer or UDPServer on a port of the OS's choosing
-    (IPv4, all interfaces); killed at the end."""
-    server = ServerProcess(lecture_program(name, "0"))
-    try:
-        yield server
-    finally:
-        server.stop(signal.SIGKILL)
+    (IPv4, all interfaces); killed at the end of its ``with``."""
+    return ServerProcess(lecture_program(name, "0"))
 
 
 def run_lecture(name: str, port: int, input: bytes) -> subprocess.CompletedProcess[bytes]:

@@ -13,20 +13,13 @@ anything took in real time.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import itertools
 import logging
 import os
-import re
 import resource
-import select
-import signal
 import socket
-import subprocess
-import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -38,31 +31,30 @@ from trio_upper.ratelimit import DEFAULT_RATE
 from trio_upper.server import (
     DEFAULT_IDLE_TIMEOUT,
     DEFAULT_MAX_CONNECTIONS,
-    Endpoint,
-    ServerConfig,
-    UpperServer,
 )
 from trio_upper.transform import upper_bytes
 
-from .conftest import (
+from . import helpers
+from .helpers import (
+    LOOPBACK_HANG,
     PROCESS_TIMEOUT,
+    VIRTUAL_HANG,
+    InMemoryServer,
     LoopbackServer,
-    cli,
+    dial,
+    entry_for,
+    help_entries,
     receive_exactly,
     receive_until_eof,
+    recv_exactly,
     run_cli,
+    serve_loopback,
+    serving,
+    until,
+    usage_error_line,
 )
-from .helpers import Listener, dial
-from .test_cli import entry_for, help_entries, usage_error_line
 
 HalfCloseable = trio.abc.HalfCloseableStream
-
-# Virtual seconds: only a deadlock gets this far, and then fails at once.
-HANG = 24 * 3600.0
-
-# Real seconds over loopback and for subprocesses: stops a hung test, and is
-# never what a test checks.
-LOOPBACK_HANG = float(PROCESS_TIMEOUT)
 
 # The idle timeout of the in-memory tests, in virtual seconds, and how much
 # later than it the issue allows an idle connection to be closed (an eighth:
@@ -90,33 +82,11 @@ def request_for(n: int) -> bytes:
 # --- An in-memory server -----------------------------------------------------------------
 
 
-@dataclass
-class InMemory:
-    server: UpperServer
-    listeners: list[Listener]
-    done: trio.Event
-
-    @property
-    def listener(self) -> Listener:
-        return self.listeners[0]
-
-
-async def serve_in_memory(
-    nursery: trio.Nursery, *, listeners: int = 1, descriptors: int | None = None, **options: Any
-) -> InMemory:
-    """An UpperServer with ``ServerConfig(**options)`` on in-memory listeners.
-    No idle timeout unless asked for: these tests let virtual hours pass."""
+async def serve_in_memory(nursery: trio.Nursery, **options: Any) -> InMemoryServer:
+    """helpers.serve_in_memory, but with no idle timeout unless asked for:
+    these tests let virtual hours pass."""
     options.setdefault("idle_timeout", 0)
-    server = UpperServer(ServerConfig(**options))
-    made = [Listener(descriptors) for _ in range(listeners)]
-    done = trio.Event()
-
-    async def run(task_status: trio.TaskStatus[list[Endpoint]]) -> None:
-        await server.serve(made, [], task_status=task_status)
-        done.set()
-
-    await nursery.start(run)
-    return InMemory(server, made, done)
+    return await helpers.serve_in_memory(nursery, **options)
 
 
 async def exchange(stream: trio.abc.Stream, request: bytes) -> None:
@@ -145,7 +115,7 @@ async def test_the_connection_past_the_limit_waits_until_a_slot_frees(
     nursery: trio.Nursery, autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.WARNING, logger="trio_upper")
-    with trio.fail_after(HANG):
+    with trio.fail_after(VIRTUAL_HANG):
         served = await serve_in_memory(nursery, max_connections=3)
         stats = served.server.stats
         clients = [await served.listener.connect() for _ in range(3)]
@@ -188,7 +158,7 @@ async def test_the_warning_states_how_many_connections_are_open(
     nursery: trio.Nursery, autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.WARNING, logger="trio_upper")
-    with trio.fail_after(HANG):
+    with trio.fail_after(VIRTUAL_HANG):
         served = await serve_in_memory(nursery, max_connections=3)
         for n in range(3):
             await exchange(await served.listener.connect(), request_for(n))
@@ -199,7 +169,7 @@ async def test_the_warning_states_how_many_connections_are_open(
 async def test_the_limit_counts_the_connections_of_every_listener_together(
     nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
 ) -> None:
-    with trio.fail_after(HANG):
+    with trio.fail_after(VIRTUAL_HANG):
         served = await serve_in_memory(nursery, listeners=2, max_connections=2)
         stats = served.server.stats
         first, second = served.listeners
@@ -232,7 +202,7 @@ async def test_every_slot_is_usable_from_any_one_listener(
     nursery: trio.Nursery, autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.WARNING, logger="trio_upper")
-    with trio.fail_after(HANG):
+    with trio.fail_after(VIRTUAL_HANG):
         # As with the default host: an IPv4 and an IPv6 listener, and all the
         # clients use one of them.
         served = await serve_in_memory(nursery, listeners=2, max_connections=2)
@@ -252,7 +222,7 @@ async def test_sustained_overload_is_one_episode_in_the_log(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.WARNING, logger="trio_upper")
-    with trio.fail_after(HANG):
+    with trio.fail_after(VIRTUAL_HANG):
         if limit == "slots":
             served = await serve_in_memory(nursery, max_connections=2)
         else:
@@ -292,7 +262,7 @@ async def test_out_of_descriptors_logs_once_keeps_serving_and_recovers(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.WARNING, logger="trio_upper")
-    with trio.fail_after(HANG):
+    with trio.fail_after(VIRTUAL_HANG):
         served = await serve_in_memory(nursery)
         listener = served.listener
         steady = await listener.connect()
@@ -329,7 +299,7 @@ async def test_out_of_descriptors_logs_once_keeps_serving_and_recovers(
 async def test_a_silent_connection_is_closed_after_the_idle_timeout(
     first: bytes, nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
 ) -> None:
-    with trio.fail_after(HANG):
+    with trio.fail_after(VIRTUAL_HANG):
         served = await serve_in_memory(nursery, idle_timeout=IDLE)
         client = await served.listener.connect()
         if first:
@@ -351,7 +321,7 @@ async def test_a_silent_connection_is_closed_after_the_idle_timeout(
 async def test_a_connection_that_keeps_talking_lives_on(
     nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
 ) -> None:
-    with trio.fail_after(HANG):
+    with trio.fail_after(VIRTUAL_HANG):
         served = await serve_in_memory(nursery, idle_timeout=IDLE)
         client = await served.listener.connect()
         # A byte now and then, just under the timeout apart, for 30 timeouts.
@@ -367,7 +337,7 @@ async def test_a_connection_that_keeps_talking_lives_on(
 async def test_a_client_that_sends_but_never_reads_is_closed_after_the_timeout(
     nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
 ) -> None:
-    with trio.fail_after(HANG):
+    with trio.fail_after(VIRTUAL_HANG):
         served = await serve_in_memory(nursery, idle_timeout=IDLE)
         # Lockstep: each send waits for the server to read it, so the time of
         # the last send that went through is the time the server last heard
@@ -393,11 +363,11 @@ async def test_a_client_that_sends_but_never_reads_is_closed_after_the_timeout(
 async def test_idle_timeout_zero_means_never(
     nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
 ) -> None:
-    with trio.fail_after(HANG):
+    with trio.fail_after(VIRTUAL_HANG):
         served = await serve_in_memory(nursery, idle_timeout=0)
         client = await served.listener.connect()
         await exchange(client, b"good night")
-        await trio.sleep(HANG / 2)  # half a virtual day
+        await trio.sleep(VIRTUAL_HANG / 2)  # half a virtual day
         await exchange(client, b"good morning")
         assert served.server.stats.active == 1
         served.server.shutdown(grace=0)
@@ -407,7 +377,7 @@ async def test_an_idle_close_frees_a_slot_for_a_waiting_connection(
     nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
 ) -> None:
     # The slow-loris defence: silent connections cannot hold every slot.
-    with trio.fail_after(HANG):
+    with trio.fail_after(VIRTUAL_HANG):
         served = await serve_in_memory(nursery, max_connections=1, idle_timeout=IDLE)
         silent = await served.listener.connect()
         start = trio.current_time()
@@ -420,30 +390,6 @@ async def test_an_idle_close_frees_a_slot_for_a_waiting_connection(
 
 
 # --- Real sockets: the kernel's backlog, flow control, shutdown --------------------------
-
-
-async def serve_loopback(
-    nursery: trio.Nursery, **options: Any
-) -> tuple[LoopbackServer, trio.Event]:
-    """An UpperServer with ``ServerConfig(**options)`` on 127.0.0.1 and a port
-    of the OS's choosing; the event is set when it has stopped."""
-    server = UpperServer(ServerConfig(host="127.0.0.1", port=0, **options))
-    done = trio.Event()
-
-    async def run(task_status: trio.TaskStatus[list[Endpoint]]) -> None:
-        await server.run(task_status=task_status)
-        done.set()
-
-    endpoints: list[Endpoint] = await nursery.start(run)
-    return LoopbackServer(server, endpoints), done
-
-
-async def until(condition: Callable[[], bool]) -> None:
-    """Let the server's tasks run until ``condition`` holds: each wait is for
-    every task to be blocked (the kernel may still be delivering a FIN),
-    never a fixed time; the test's hang guard stops a hang."""
-    while not condition():
-        await trio.testing.wait_all_tasks_blocked(cushion=0.001)
 
 
 # Every client socket here sets SO_REUSEADDR before it connects. The load tests
@@ -483,7 +429,7 @@ async def test_connections_past_the_limit_wait_in_the_kernel_backlog(
     nursery: trio.Nursery,
 ) -> None:
     with trio.fail_after(LOOPBACK_HANG):
-        served, _ = await serve_loopback(nursery, max_connections=2)
+        served = await serve_loopback(nursery, max_connections=2)
         stats = served.server.stats
         first, second = await open_client(served.port), await open_client(served.port)
         await exchange(first, b"first")
@@ -520,7 +466,7 @@ async def test_many_clients_through_few_slots_are_all_served_at_most_n_at_once(
 
     monkeypatch.setattr("trio_upper.server.handle_stream", counting)
     with trio.fail_after(LOOPBACK_HANG):
-        served, _ = await serve_loopback(nursery, max_connections=limit)
+        served = await serve_loopback(nursery, max_connections=limit)
 
         async def client(n: int) -> None:
             async with await open_client(served.port) as stream:
@@ -547,7 +493,7 @@ async def test_a_client_that_never_reads_is_held_back_by_flow_control_alone(
     # that kept reading would take in all of the request.
     in_flight_bound = 4 * 1024 * 1024
     with trio.fail_after(LOOPBACK_HANG):
-        served, _ = await serve_loopback(nursery)
+        served = await serve_loopback(nursery)
         flood = await open_client(served.port)
         small_buffers(flood)
         sent = 0
@@ -585,7 +531,7 @@ async def test_a_reply_in_flight_at_shutdown_comes_back_whole_after_a_half_close
     first, rest = request[: len(request) // 2], request[len(request) // 2 :]
     with trio.fail_after(LOOPBACK_HANG):
         # The grace is the hang guard: the test is over once the exchange is.
-        served, done = await serve_loopback(nursery, grace=LOOPBACK_HANG)
+        served = await serve_loopback(nursery, grace=LOOPBACK_HANG)
         stream = await open_client(served.port)
         small_buffers(stream)
         shut = trio.Event()
@@ -608,7 +554,7 @@ async def test_a_reply_in_flight_at_shutdown_comes_back_whole_after_a_half_close
             await served.server.stopped_accepting()
             shut.set()
             client.start_soon(collect)
-        await done.wait()
+        await served.done.wait()
     assert reply == [upper_bytes(request)]
     stats = served.server.stats
     assert (stats.connections, stats.active, stats.cut_off) == (1, 0, 0)
@@ -619,7 +565,7 @@ async def test_a_connection_waiting_for_a_slot_at_shutdown_is_refused_not_left_h
     nursery: trio.Nursery,
 ) -> None:
     with trio.fail_after(LOOPBACK_HANG):
-        served, done = await serve_loopback(nursery, max_connections=1, grace=LOOPBACK_HANG)
+        served = await serve_loopback(nursery, max_connections=1, grace=LOOPBACK_HANG)
         stats = served.server.stats
         open_ = await open_client(served.port)
         await exchange(open_, b"open")
@@ -640,7 +586,7 @@ async def test_a_connection_waiting_for_a_slot_at_shutdown_is_refused_not_left_h
         await open_.send_all("last words: straße".encode())
         await open_.send_eof()
         assert await receive_until_eof(open_) == b"LAST WORDS: STRASSE"
-        await done.wait()
+        await served.done.wait()
     assert (stats.connections, stats.active, stats.cut_off) == (1, 0, 0)
     await open_.aclose()
     await waiting.aclose()
@@ -648,7 +594,7 @@ async def test_a_connection_waiting_for_a_slot_at_shutdown_is_refused_not_left_h
 
 async def test_shutdown_closes_the_udp_sockets_at_once(nursery: trio.Nursery) -> None:
     with trio.fail_after(LOOPBACK_HANG):
-        served, done = await serve_loopback(nursery, grace=LOOPBACK_HANG)
+        served = await serve_loopback(nursery, grace=LOOPBACK_HANG)
         with served.udp_socket() as sock:
             await sock.connect(("127.0.0.1", served.port))
             await sock.send(b"before")
@@ -659,7 +605,7 @@ async def test_shutdown_closes_the_udp_sockets_at_once(nursery: trio.Nursery) ->
             # No one is there now: the kernel says so at once (ICMP).
             with pytest.raises(ConnectionRefusedError):
                 await sock.recv(100)
-        await done.wait()  # no TCP connection was open: nothing to wait for
+        await served.done.wait()  # no TCP connection was open: nothing to wait for
 
 
 # --- Load ---------------------------------------------------------------------------------
@@ -713,7 +659,7 @@ async def test_connection_churn_keeps_the_server_responsive_and_the_counts_add_u
     nursery: trio.Nursery,
 ) -> None:
     with trio.fail_after(LOOPBACK_HANG):
-        served, _ = await serve_loopback(nursery, udp_rate_limit=0)
+        served = await serve_loopback(nursery, udp_rate_limit=0)
         stats = served.server.stats
         cycles = iter(range(CHURN))
         churning = True
@@ -813,66 +759,11 @@ def test_max_connections_error_states_the_real_limit(value: str) -> None:
     assert "0 or more" not in line
 
 
-class Stderr:
-    """A server subprocess's stderr, read as it comes (the hang guard bounds
-    every wait), and what came after, once the process has ended."""
-
-    def __init__(self, proc: subprocess.Popen[bytes]) -> None:
-        assert proc.stderr is not None
-        self.proc = proc
-        self.fd = proc.stderr.fileno()
-        self.seen = b""
-
-    def wait_for(self, marker: str) -> str:
-        deadline = time.monotonic() + PROCESS_TIMEOUT
-        while marker.encode() not in self.seen:
-            remaining = deadline - time.monotonic()
-            assert remaining > 0, f"the server never logged {marker!r}: {self.seen!r}"
-            ready, _, _ = select.select([self.fd], [], [], remaining)
-            if ready:
-                chunk = os.read(self.fd, 65536)
-                assert chunk, f"the server's stderr ended before {marker!r}: {self.seen!r}"
-                self.seen += chunk
-        return self.seen.decode()
-
-    def stop(self, sig: int = signal.SIGTERM) -> tuple[int, str, str]:
-        """Send ``sig``; return (exit status, the rest of stdout, all of stderr)."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-        out, err = self.proc.communicate(timeout=PROCESS_TIMEOUT)
-        return self.proc.returncode, out.decode(), (self.seen + err).decode()
-
-
 def lower_descriptor_limit(limit: int) -> Callable[[], None]:
     def set_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
 
     return set_limit
-
-
-@contextlib.contextmanager
-def serve_process(
-    *flags: str, preexec_fn: Callable[[], None] | None = None
-) -> Iterator[tuple[subprocess.Popen[bytes], int, Stderr]]:
-    """``serve`` on 127.0.0.1, a port of the OS's choosing, with ``flags``:
-    (the process, its port, its stderr). Killed at the end whatever happened."""
-    proc = subprocess.Popen(
-        cli("serve", "--host", "127.0.0.1", "--port", "0", *flags),
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        preexec_fn=preexec_fn,
-    )
-    try:
-        assert proc.stdout is not None
-        first_line = proc.stdout.readline().decode()
-        found = re.search(r"tcp 127\.0\.0\.1:(\d+)", first_line)
-        assert found, f"the server did not start: {first_line!r}"
-        yield proc, int(found.group(1)), Stderr(proc)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.communicate(timeout=PROCESS_TIMEOUT)
 
 
 def connect(port: int) -> socket.socket:
@@ -887,28 +778,19 @@ def connect(port: int) -> socket.socket:
     return sock
 
 
-def recv_exactly(conn: socket.socket, size: int) -> bytes:
-    data = b""
-    while len(data) < size:
-        chunk = conn.recv(size - len(data))
-        assert chunk, f"EOF after {len(data)} of {size} bytes"
-        data += chunk
-    return data
-
-
 def test_serve_flags_reach_the_server() -> None:
     # One slot, held by a client that then goes quiet: the next client waits
     # in the backlog until the idle timeout frees the slot.
-    with serve_process("--max-connections", "1", "--idle-timeout", "0.5") as (_, port, err):
-        with connect(port) as quiet, connect(port) as waiting:
+    with serving("--max-connections", "1", "--idle-timeout", "0.5") as server:
+        with connect(server.port) as quiet, connect(server.port) as waiting:
             quiet.sendall(b"quiet")
             assert recv_exactly(quiet, 5) == b"QUIET"
             waiting.sendall(b"waiting")
-            err.wait_for(PAUSED)
+            server.stderr.read_until(PAUSED.encode())
             assert quiet.recv(100) == b""  # closed by the server for idling
             assert recv_exactly(waiting, 7) == b"WAITING"
-            err.wait_for(RESUMED)
-        status, out, log = err.stop()
+            server.stderr.read_until(RESUMED.encode())
+        status, out, log = server.stop()
     assert status == 0
     assert "Traceback" not in log
     assert MAX_CONNECTIONS_PAUSE in log
@@ -925,11 +807,8 @@ def open_descriptors(pid: int) -> int:
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts descriptors in /proc")
 def test_out_of_descriptors_in_a_real_server_process() -> None:
-    with serve_process("--tcp-only", preexec_fn=lower_descriptor_limit(DESCRIPTOR_LIMIT)) as (
-        proc,
-        port,
-        err,
-    ):
+    with serving("--tcp-only", preexec_fn=lower_descriptor_limit(DESCRIPTOR_LIMIT)) as server:
+        proc, port = server.proc, server.port
         # Every descriptor the server does not use yet is one connection.
         room = DESCRIPTOR_LIMIT - open_descriptors(proc.pid)
         assert room > 10, f"the server uses {DESCRIPTOR_LIMIT - room} descriptors idle"
@@ -937,7 +816,7 @@ def test_out_of_descriptors_in_a_real_server_process() -> None:
         try:
             for n, conn in enumerate(clients):
                 conn.sendall(request_for(n))
-            err.wait_for("Too many open files")
+            server.stderr.read_until(b"Too many open files")
             assert open_descriptors(proc.pid) == DESCRIPTOR_LIMIT
             # The accept queue is first in, first out: the first ones are
             # accepted, and served although the server is out of descriptors.
@@ -950,14 +829,14 @@ def test_out_of_descriptors_in_a_real_server_process() -> None:
             for n, conn in enumerate(clients[room:], start=room):
                 expected = upper_bytes(request_for(n))
                 assert recv_exactly(conn, len(expected)) == expected
-            err.wait_for(RESUMED)
+            server.stderr.read_until(RESUMED.encode())
             with connect(port) as fresh:
                 fresh.sendall(b"fresh")
                 assert recv_exactly(fresh, 5) == b"FRESH"
         finally:
             for conn in clients:
                 conn.close()
-        status, out, log = err.stop()
+        status, out, log = server.stop()
     assert status == 0
     assert "Traceback" not in log
     # The burst is logged once, up to the moment accepting resumes. (What
@@ -973,7 +852,7 @@ async def test_a_pause_soon_after_another_is_still_logged_if_it_lasts(
     nursery: trio.Nursery, autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.WARNING, logger="trio_upper")
-    with trio.fail_after(HANG):
+    with trio.fail_after(VIRTUAL_HANG):
         served = await serve_in_memory(nursery, max_connections=1)
         listener = served.listener
         one = await listener.connect()

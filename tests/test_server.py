@@ -19,7 +19,7 @@ from trio_upper.tcp import handle_stream
 from trio_upper.transform import upper_ascii, upper_bytes
 from trio_upper.udp import MAX_PAYLOAD_IPV4, MAX_PAYLOAD_IPV6
 
-from .conftest import LoopbackServer, MemoryListener, receive_exactly, receive_until_eof
+from .helpers import LoopbackServer, receive_exactly, receive_until_eof, serve_in_memory
 
 # --- loopback ---------------------------------------------------------------
 
@@ -226,25 +226,11 @@ async def test_shutdown_refuses_new_connections(loopback: LoopbackServer) -> Non
 # --- in memory, under the mock clock ---------------------------------------
 
 
-async def start_in_memory(
-    nursery: trio.Nursery, grace: float = 5.0
-) -> tuple[UpperServer, MemoryListener, trio.Event]:
-    server = UpperServer(ServerConfig(grace=grace))
-    listener = MemoryListener()
-    done = trio.Event()
-
-    async def run(task_status: trio.TaskStatus[list[Endpoint]]) -> None:
-        await server.serve([listener], [], task_status=task_status)
-        done.set()
-
-    await nursery.start(run)
-    return server, listener, done
-
-
 async def test_grace_lets_open_connections_finish(
     nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
 ) -> None:
-    server, listener, done = await start_in_memory(nursery, grace=5)
+    served = await serve_in_memory(nursery, grace=5)
+    server, listener, done = served.server, served.listener, served.done
     client = await listener.connect()
     await client.send_all(b"before")
     server.shutdown()
@@ -264,8 +250,9 @@ async def test_grace_lets_open_connections_finish(
 async def test_grace_period_end_cancels_what_is_left(
     nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
 ) -> None:
-    server, listener, done = await start_in_memory(nursery, grace=5)
-    idle = await listener.connect()
+    served = await serve_in_memory(nursery, grace=5)
+    server, done = served.server, served.done
+    idle = await served.listener.connect()
     await trio.testing.wait_all_tasks_blocked()
     start = trio.current_time()
     server.shutdown()
@@ -278,8 +265,9 @@ async def test_grace_period_end_cancels_what_is_left(
 async def test_second_shutdown_with_zero_grace_stops_at_once(
     nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
 ) -> None:
-    server, listener, done = await start_in_memory(nursery, grace=60)
-    await listener.connect()
+    served = await serve_in_memory(nursery, grace=60)
+    server, done = served.server, served.done
+    await served.listener.connect()
     await trio.testing.wait_all_tasks_blocked()
     server.shutdown()
     await trio.sleep(1)
@@ -311,7 +299,8 @@ async def test_a_bug_in_one_handler_does_not_stop_the_server(
         return await real_handle_stream(stream, **options)
 
     monkeypatch.setattr("trio_upper.server.handle_stream", first_one_crashes)
-    server, listener, _ = await start_in_memory(nursery)
+    served = await serve_in_memory(nursery)
+    server, listener = served.server, served.listener
     crashed = await listener.connect()
     assert await crashed.receive_some() == b""
     survivor = await listener.connect()
