@@ -55,7 +55,7 @@ LECTURE = Path(__file__).parent / "lecture"
 # blocking test client.
 PROCESS_TIMEOUT = 60
 
-# Real seconds for an in-process test over loopback.
+# Real seconds for an in-process test on the real clock (over loopback, mostly).
 LOOPBACK_HANG = 60.0
 
 # Virtual seconds under the autojump MockClock: only a deadlock gets this far,
@@ -128,6 +128,25 @@ def recv_until_eof(conn: socket.socket) -> bytes:
     while chunk := conn.recv(65536):
         data += chunk
     return data
+
+
+# UDP may lose a datagram, even on loopback. The server counts every datagram
+# it answers and the tests check those counts, so sending again would change
+# what they check: a lost datagram fails the test, with this bound and a
+# message saying so, rather than hanging it.
+UDP_REPLY_WAIT = 10.0
+
+
+async def udp_exchange(
+    sock: trio.socket.SocketType, request: bytes, max_size: int = 70_000
+) -> bytes:
+    """Send ``request`` on the connected UDP ``sock``; return the reply."""
+    await sock.send(request)
+    with trio.move_on_after(UDP_REPLY_WAIT):
+        return await sock.recv(max_size)
+    raise AssertionError(
+        f"no reply to a {len(request)}-byte datagram in {UDP_REPLY_WAIT:g} s: one was lost"
+    )
 
 
 # --- Streams with faults to inject ---------------------------------------------------

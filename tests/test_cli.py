@@ -575,7 +575,8 @@ def test_client_interrupted_by_ctrl_c_exits_130_quietly(server_process: ServerPr
     try:
         proc.stdin.write(b"ready?\n")
         proc.stdin.flush()
-        assert proc.stdout.readline() == b"READY?\n"  # connected and running
+        stdout = OutputReader(proc.stdout.fileno(), "the client's stdout")
+        assert stdout.read_until(b"\n") == b"READY?\n"  # connected and running
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=PROCESS_TIMEOUT)
     finally:

@@ -151,6 +151,7 @@ async def faulty_lockstep_pair() -> tuple[FaultyStream, FaultyStream]:
     return FaultyStream(client), FaultyStream(server)
 
 
+@fails_if_it_hangs(LOOPBACK_HANG)
 async def test_the_wrapper_without_faults_keeps_the_stream_contract() -> None:
     # So that a failure elsewhere in this file is the server's, not the
     # wrapper's. With a clogged (lockstep) pair only the two-way checks: the
@@ -159,6 +160,7 @@ async def test_the_wrapper_without_faults_keeps_the_stream_contract() -> None:
     await trio.testing.check_two_way_stream(faulty_memory_pair, faulty_lockstep_pair)
 
 
+@fails_if_it_hangs(VIRTUAL_HANG)
 async def test_the_wrapper_injects_the_faults_it_is_asked_for(
     autojump_clock: trio.testing.MockClock,
 ) -> None:

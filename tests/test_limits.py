@@ -50,6 +50,7 @@ from .helpers import (
     run_cli,
     serve_loopback,
     serving,
+    udp_exchange,
     until,
     usage_error_line,
 )
@@ -597,8 +598,7 @@ async def test_shutdown_closes_the_udp_sockets_at_once(nursery: trio.Nursery) ->
         served = await serve_loopback(nursery, grace=LOOPBACK_HANG)
         with served.udp_socket() as sock:
             await sock.connect(("127.0.0.1", served.port))
-            await sock.send(b"before")
-            assert await sock.recv(100) == b"BEFORE"
+            assert await udp_exchange(sock, b"before") == b"BEFORE"
             served.server.shutdown()
             await served.server.stopped_accepting()
             await sock.send(b"after")
@@ -690,8 +690,7 @@ async def test_connection_churn_keeps_the_server_responsive_and_the_counts_add_u
                 await sock.connect(("127.0.0.1", served.port))
                 for n in range(DATAGRAMS):
                     request = request_for(n)
-                    await sock.send(request)
-                    assert await sock.recv(1000) == upper_bytes(request)
+                    assert await udp_exchange(sock, request) == upper_bytes(request)
 
         async with trio.open_nursery() as load:
             load.start_soon(steady)
