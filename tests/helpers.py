@@ -91,6 +91,15 @@ async def until(condition: Callable[[], bool]) -> None:
         await trio.testing.wait_all_tasks_blocked(cushion=0.001)
 
 
+def wait_until(condition: Callable[[], bool], what: str) -> None:
+    """:func:`until` for a test outside trio (a blocking client of a server
+    process): polls, and fails saying ``what`` never came after PROCESS_TIMEOUT."""
+    deadline = time.monotonic() + PROCESS_TIMEOUT
+    while not condition():
+        assert time.monotonic() < deadline, f"hang guard: {what} never came"
+        time.sleep(0.005)
+
+
 # --- Reading and writing ----------------------------------------------------------------
 
 
@@ -147,6 +156,36 @@ async def udp_exchange(
     raise AssertionError(
         f"no reply to a {len(request)}-byte datagram in {UDP_REPLY_WAIT:g} s: one was lost"
     )
+
+
+def readable(sock: trio.socket.SocketType | socket.socket) -> bool:
+    """Whether bytes (or the end of stream) wait in ``sock``'s receive buffer."""
+    ready, _, _ = select.select([sock.fileno()], [], [], 0)
+    return bool(ready)
+
+
+def writable(sock: trio.socket.SocketType | socket.socket) -> bool:
+    """Whether the kernel would take more from ``sock`` now: False once flow
+    control holds it back (its send buffer full, the peer's window shut)."""
+    _, ready, _ = select.select([], [sock.fileno()], [], 0)
+    return bool(ready)
+
+
+def accept_queue(port: int) -> int:
+    """How many connections the kernel has completed for the listening TCP
+    socket on 127.0.0.1 ``port`` that no one has accepted yet (Linux: for a
+    listening socket, /proc/net/tcp's rx_queue is its accept queue)."""
+    local = f"0100007F:{port:04X}"
+    with open("/proc/net/tcp") as table:
+        for line in itertools.islice(table, 1, None):
+            fields = line.split()
+            if fields[1] == local and fields[3] == "0A":  # 0A: LISTEN
+                return int(fields[4].partition(":")[2], 16)
+    raise AssertionError(f"nothing listens on 127.0.0.1:{port}")
+
+
+def can_see_accept_queues() -> bool:
+    return os.path.exists("/proc/net/tcp")
 
 
 # --- Streams with faults to inject ---------------------------------------------------

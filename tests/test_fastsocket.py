@@ -27,6 +27,8 @@ from .helpers import (
     LoopbackServer,
     fails_if_it_hangs,
     receive_exactly,
+    until,
+    writable,
 )
 
 
@@ -45,7 +47,8 @@ async def _stream_pair() -> tuple[FastSocketStream, FastSocketStream]:
 
 
 async def _fill(stream: FastSocketStream) -> None:
-    """Write until the kernel's buffers on both ends are full."""
+    """Write until the kernel's buffers on both ends are full: the kernel
+    takes no more, and the writer waits for room."""
     with trio.fail_after(LOOPBACK_HANG):
         async with trio.open_nursery() as nursery:
 
@@ -54,7 +57,7 @@ async def _fill(stream: FastSocketStream) -> None:
                     await stream.send_all(b"x" * 65536)
 
             nursery.start_soon(write_forever)
-            await trio.testing.wait_all_tasks_blocked(0.01)
+            await until(lambda: not writable(stream.socket))
             nursery.cancel_scope.cancel()
 
 

@@ -18,7 +18,8 @@ direction for good.
 Everything in memory runs under the autojump MockClock: a hang shows up at once
 as ``trio.TooSlowError`` rather than as a stuck test, and waiting an hour costs
 nothing. The loopback tests at the end use real sockets on 127.0.0.1 and wait
-only for the system to go idle, never for a fixed time.
+only for a state they can see (a handler count, a full socket buffer), never for
+a fixed time.
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ from .helpers import (
     receive_until_eof,
     serve_in_memory,
     until,
+    writable,
 )
 
 HalfCloseable = trio.abc.HalfCloseableStream
@@ -954,9 +956,9 @@ async def test_loopback_reset_mid_reply_while_another_connection_keeps_working(
             # Sends without end and never reads (but one byte).
             nursery.start_soon(send_pieces, flood, itertools.repeat(BIG_REQUEST))
             assert_prefix(await receive_exactly(flood, 1), upper_bytes(BIG_REQUEST))
-            # Once every task is blocked, our sender is too: the buffers are
-            # full both ways, so the server is stuck sending its reply.
-            await trio.testing.wait_all_tasks_blocked(cushion=0.01)
+            # Once the kernel takes no more from our sender, the buffers are
+            # full both ways: the server is stuck sending its reply.
+            await until(lambda: not writable(flood.socket))
             # Meanwhile the steady connection is answered as usual.
             assert await converse_once(steady, "ΐ ".encode()) == upper_bytes("ΐ ".encode())
             nursery.cancel_scope.cancel()

@@ -27,10 +27,15 @@ import trio
 import trio.testing
 
 from trio_upper import tcp as tcp_module
+from trio_upper.cli import main as cli_main
 from trio_upper.ratelimit import DEFAULT_RATE
 from trio_upper.server import (
     DEFAULT_IDLE_TIMEOUT,
     DEFAULT_MAX_CONNECTIONS,
+    Endpoint,
+    ServerConfig,
+    ServerStats,
+    UpperServer,
 )
 from trio_upper.transform import upper_bytes
 
@@ -41,9 +46,12 @@ from .helpers import (
     VIRTUAL_HANG,
     InMemoryServer,
     LoopbackServer,
+    accept_queue,
+    can_see_accept_queues,
     dial,
     entry_for,
     help_entries,
+    readable,
     receive_exactly,
     receive_until_eof,
     recv_exactly,
@@ -53,6 +61,8 @@ from .helpers import (
     udp_exchange,
     until,
     usage_error_line,
+    wait_until,
+    writable,
 )
 
 HalfCloseable = trio.abc.HalfCloseableStream
@@ -426,6 +436,13 @@ def small_buffers(stream: trio.SocketStream) -> None:
     stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 16)
 
 
+# The kernel's accept queue is what these tests wait on, where it is seen.
+needs_accept_queues = pytest.mark.skipif(
+    not can_see_accept_queues(), reason="reads the accept queue in /proc/net/tcp"
+)
+
+
+@needs_accept_queues
 async def test_connections_past_the_limit_wait_in_the_kernel_backlog(
     nursery: trio.Nursery,
 ) -> None:
@@ -438,8 +455,11 @@ async def test_connections_past_the_limit_wait_in_the_kernel_backlog(
         # The kernel completes the handshake and takes the request...
         third = await open_client(served.port)
         await third.send_all(b"third")
-        await trio.testing.wait_all_tasks_blocked(cushion=0.05)
-        # ...but the server has not accepted it.
+        await until(lambda: accept_queue(served.port) == 1)
+        # ...but the server, every task of it blocked, leaves it there: had it
+        # been in accept(), the listening socket, ready now, would have woken it.
+        await trio.testing.wait_all_tasks_blocked()
+        assert accept_queue(served.port) == 1
         assert (stats.connections, stats.active) == (2, 2)
         await first.aclose()
         assert await receive_exactly(third, 5) == b"THIRD"
@@ -498,25 +518,32 @@ async def test_a_client_that_never_reads_is_held_back_by_flow_control_alone(
         flood = await open_client(served.port)
         small_buffers(flood)
         sent = 0
+        pushed_all = False
 
         async def push() -> None:
-            nonlocal sent
+            nonlocal sent, pushed_all
             for start in range(0, len(request), 65536):
                 piece = request[start : start + 65536]
                 await flood.send_all(piece)
                 sent += len(piece)
+            pushed_all = True
             await flood.send_eof()
+
+        def held_back() -> bool:
+            # The kernel takes no more from the client (or, were the server
+            # to read without end, the flood is all sent and the test fails).
+            return pushed_all or not writable(flood.socket)
 
         async with trio.open_nursery() as pushing:
             pushing.start_soon(push)
-            await trio.testing.wait_all_tasks_blocked(cushion=0.05)
+            await until(held_back)
             stalled_at = sent
             assert stalled_at < in_flight_bound, f"the server took in {stalled_at} bytes"
             # Other clients are served meanwhile, and the flood stays held back.
             for n in range(3):
                 async with await open_client(served.port) as other:
                     await exchange(other, request_for(n))
-            await trio.testing.wait_all_tasks_blocked(cushion=0.05)
+            await until(held_back)
             assert sent < in_flight_bound, f"the server took in {sent} bytes"
             # Once the client reads, everything comes back, nothing lost.
             reply = await receive_until_eof(flood)
@@ -536,10 +563,13 @@ async def test_a_reply_in_flight_at_shutdown_comes_back_whole_after_a_half_close
         stream = await open_client(served.port)
         small_buffers(stream)
         shut = trio.Event()
+        first_sent = False
         reply: list[bytes] = []
 
         async def push() -> None:
+            nonlocal first_sent
             await stream.send_all(first)
+            first_sent = True
             await shut.wait()
             await stream.send_all(rest)
             await stream.send_eof()  # the half-close, within the grace period
@@ -549,8 +579,12 @@ async def test_a_reply_in_flight_at_shutdown_comes_back_whole_after_a_half_close
 
         async with trio.open_nursery() as client:
             client.start_soon(push)
-            # Stalled both ways: bytes in flight in each direction.
-            await trio.testing.wait_all_tasks_blocked(cushion=0.05)
+            # Stalled: reply bytes wait for us to read them, and the request
+            # has gone as far as it can (all of it, or as much as the kernel
+            # takes while the server is stuck sending).
+            await until(
+                lambda: readable(stream.socket) and (first_sent or not writable(stream.socket))
+            )
             served.server.shutdown()
             await served.server.stopped_accepting()
             shut.set()
@@ -562,6 +596,7 @@ async def test_a_reply_in_flight_at_shutdown_comes_back_whole_after_a_half_close
     await stream.aclose()
 
 
+@needs_accept_queues
 async def test_a_connection_waiting_for_a_slot_at_shutdown_is_refused_not_left_hanging(
     nursery: trio.Nursery,
 ) -> None:
@@ -570,9 +605,11 @@ async def test_a_connection_waiting_for_a_slot_at_shutdown_is_refused_not_left_h
         stats = served.server.stats
         open_ = await open_client(served.port)
         await exchange(open_, b"open")
-        waiting = await open_client(served.port)  # in the kernel's backlog
+        waiting = await open_client(served.port)
         await waiting.send_all(b"waiting")
-        await trio.testing.wait_all_tasks_blocked(cushion=0.05)
+        await until(lambda: accept_queue(served.port) == 1)  # in the kernel's backlog
+        await trio.testing.wait_all_tasks_blocked()
+        assert accept_queue(served.port) == 1
         assert stats.connections == 1
         served.server.shutdown()
         await served.server.stopped_accepting()
@@ -613,6 +650,7 @@ async def test_shutdown_closes_the_udp_sockets_at_once(nursery: trio.Nursery) ->
 CONCURRENT = 3000  # connections open at once: 6000 descriptors in this process
 CHURN = 3000  # connect, exchange, close cycles
 CHURN_WORKERS = 50
+STEADY_PACE = 30  # churn cycles between two exchanges of the steady connection
 DATAGRAMS = 300
 
 
@@ -663,9 +701,12 @@ async def test_connection_churn_keeps_the_server_responsive_and_the_counts_add_u
         stats = served.server.stats
         cycles = iter(range(CHURN))
         churning = True
+        cycles_done = 0
+        cycle_done = trio.lowlevel.ParkingLot()
         steady_exchanges = 0
 
         async def churn() -> None:
+            nonlocal cycles_done
             for n in cycles:
                 async with await open_client(served.port) as stream:
                     await exchange(stream, request_for(n))
@@ -673,9 +714,13 @@ async def test_connection_churn_keeps_the_server_responsive_and_the_counts_add_u
                         # Half the time: half-close and wait for the server's end.
                         await stream.send_eof()
                         assert await receive_until_eof(stream) == b""
+                cycles_done += 1
+                cycle_done.unpark_all()
 
         async def steady() -> None:
-            # One long connection, answered all through the churn.
+            # One long connection, answered all through the churn: an
+            # exchange every STEADY_PACE cycles, a pace set by the churn and
+            # not by the clock, so that it is no third load.
             nonlocal steady_exchanges
             async with await open_client(served.port) as stream:
                 while True:
@@ -683,7 +728,9 @@ async def test_connection_churn_keeps_the_server_responsive_and_the_counts_add_u
                     steady_exchanges += 1
                     if not churning:
                         break
-                    await trio.sleep(0.005)  # a steady pace, not a third load
+                    next_at = cycles_done + STEADY_PACE
+                    while churning and cycles_done < next_at:
+                        await cycle_done.park()
 
         async def datagrams() -> None:
             with served.udp_socket() as sock:
@@ -699,8 +746,11 @@ async def test_connection_churn_keeps_the_server_responsive_and_the_counts_add_u
                 for _ in range(CHURN_WORKERS):
                     workers.start_soon(churn)
             churning = False
+            cycle_done.unpark_all()
         await until(lambda: stats.active == 0)
-    assert steady_exchanges > 0
+    # One exchange before the churn got going, and one at least after
+    # STEADY_PACE of its cycles.
+    assert steady_exchanges >= 2
     assert (stats.connections, stats.cut_off) == (CHURN + 1, 0)
     assert stats.udp.datagrams == DATAGRAMS
     assert (stats.udp.rate_limited, stats.udp.dropped) == (0, 0)
@@ -777,16 +827,47 @@ def connect(port: int) -> socket.socket:
     return sock
 
 
-def test_serve_flags_reach_the_server() -> None:
-    # One slot, held by a client that then goes quiet: the next client waits
-    # in the backlog until the idle timeout frees the slot.
-    with serving("--max-connections", "1", "--idle-timeout", "0.5") as server:
-        with connect(server.port) as quiet, connect(server.port) as waiting:
-            quiet.sendall(b"quiet")
-            assert recv_exactly(quiet, 5) == b"QUIET"
+def test_serve_flags_reach_the_servers_config(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The plumbing alone, in this process: what each flag does with the
+    # value is tested above, in memory under the mock clock, where an idle
+    # timeout or a grace period costs no real time.
+    configs: list[ServerConfig] = []
+
+    class Recording(UpperServer):
+        """Keeps its config, binds nothing, and stops at once."""
+
+        def __init__(self, config: ServerConfig) -> None:
+            configs.append(config)
+            super().__init__(config)
+
+        async def run(
+            self, *, task_status: trio.TaskStatus[list[Endpoint]] = trio.TASK_STATUS_IGNORED
+        ) -> ServerStats:
+            task_status.started([])
+            await trio.lowlevel.checkpoint()
+            return self.stats
+
+    monkeypatch.setattr("trio_upper.cli.UpperServer", Recording)
+    flags = ["--max-connections", "7", "--idle-timeout", "2.5", "--udp-rate-limit", "3"]
+    assert cli_main(["serve", "-q", *flags, "--grace", "9"]) == 0
+    [config] = configs
+    assert (config.max_connections, config.idle_timeout) == (7, 2.5)
+    assert (config.udp_rate_limit, config.grace) == (3, 9)
+
+
+@needs_accept_queues
+def test_max_connections_keeps_the_next_client_in_a_real_servers_backlog() -> None:
+    # One slot, held by a client: the next client waits in the backlog until
+    # that one closes. The idle timeout is one that no run reaches, so that
+    # the test, not the clock, decides when the slot frees.
+    with serving("--max-connections", "1", "--idle-timeout", "3600") as server:
+        with connect(server.port) as holding, connect(server.port) as waiting:
+            holding.sendall(b"holding")
+            assert recv_exactly(holding, 7) == b"HOLDING"
             waiting.sendall(b"waiting")
             server.stderr.read_until(PAUSED.encode())
-            assert quiet.recv(100) == b""  # closed by the server for idling
+            wait_until(lambda: accept_queue(server.port) == 1, "a connection in the backlog")
+            holding.close()
             assert recv_exactly(waiting, 7) == b"WAITING"
             server.stderr.read_until(RESUMED.encode())
         status, out, log = server.stop()

@@ -24,14 +24,13 @@ import trio.testing
 from trio_upper.ratelimit import ReplyRateLimiter
 from trio_upper.udp import BATCH, RECEIVE_RETRY, SEND_PATIENCE, UdpCounts, UdpSocket, serve_udp
 
-from .helpers import FakeDatagramSocket
-
-# Virtual seconds: only a deadlock gets this far, and then fails at once.
-HANG = 24 * 3600.0
-
-# Real seconds on loopback: a lost datagram fails the test instead of hanging
-# the run; never what a test checks.
-LOOPBACK_HANG = 30.0
+from .helpers import (
+    LOOPBACK_HANG,
+    UDP_REPLY_WAIT,
+    VIRTUAL_HANG,
+    FakeDatagramSocket,
+    until,
+)
 
 # The errors the loop must ride out: the kernel short of memory or buffers,
 # and "try again" where it should not come.
@@ -66,7 +65,7 @@ async def test_a_backlog_is_answered_in_order_one_wait_per_batch(
         sock.deliver(b"datagram %d" % n)
     counts = UdpCounts()
     nursery.start_soon(partial(serve_udp, sock, counts=counts))
-    with trio.fail_after(HANG):
+    with trio.fail_after(VIRTUAL_HANG):
         replies = await sock.replies(count)
     assert replies == [b"DATAGRAM %d" % n for n in range(count)]
     assert counts == UdpCounts(datagrams=count)
@@ -175,7 +174,7 @@ async def test_a_reply_with_no_room_waits_then_is_dropped_and_counted(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     sock, counts = fake
-    with trio.fail_after(HANG):
+    with trio.fail_after(VIRTUAL_HANG):
         sock.room = False
         sock.deliver(b"first")
         sock.deliver(b"second")
@@ -196,7 +195,7 @@ async def test_room_within_the_patience_sends_the_waiting_reply(
     fake: tuple[FakeDatagramSocket, UdpCounts], autojump_clock: trio.testing.MockClock
 ) -> None:
     sock, counts = fake
-    with trio.fail_after(HANG):
+    with trio.fail_after(VIRTUAL_HANG):
         sock.room = False
         sock.deliver(b"patient")
         await trio.sleep(SEND_PATIENCE / 2)
@@ -216,7 +215,7 @@ async def test_receive_errors_are_waited_out_logged_once_and_cost_no_datagram(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     sock, counts = fake
-    with trio.fail_after(HANG):
+    with trio.fail_after(VIRTUAL_HANG):
         sock.deliver(b"before")
         assert await sock.replies(1) == [b"BEFORE"]
         failed_at = trio.current_time()
@@ -242,7 +241,7 @@ async def test_an_icmp_error_on_receive_is_skipped_quietly(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     sock, counts = fake
-    with trio.fail_after(HANG):
+    with trio.fail_after(VIRTUAL_HANG):
         sock.deliver(b"one")
         sock.fail_receive(error)  # in the middle of a batch
         sock.deliver(b"two")
@@ -262,7 +261,7 @@ async def test_send_errors_drop_that_reply_only_and_are_logged_once_per_run(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     sock, counts = fake
-    with trio.fail_after(HANG):
+    with trio.fail_after(VIRTUAL_HANG):
         for _ in range(3):
             sock.send_errors.append(OSError(error, os.strerror(error)))
         for n in range(5):
@@ -279,7 +278,7 @@ async def test_a_send_error_while_waiting_for_room_drops_that_reply_only(
     fake: tuple[FakeDatagramSocket, UdpCounts], autojump_clock: trio.testing.MockClock
 ) -> None:
     sock, counts = fake
-    with trio.fail_after(HANG):
+    with trio.fail_after(VIRTUAL_HANG):
         sock.room = False
         sock.deliver(b"unlucky")
         await trio.testing.wait_all_tasks_blocked()
@@ -357,6 +356,36 @@ class InjectingUdpSocket(UdpSocket):
         return await super().recvfrom()
 
 
+async def _reply_unless_dropped(
+    client: trio.socket.SocketType, answers: list[bytes], counts: UdpCounts, dropped: int
+) -> bytes:
+    """The reply to the request of the last of ``answers`` (late replies to
+    the earlier ones are skipped); or b"" once the server has dropped a reply
+    (``counts.dropped`` has grown past ``dropped``), so that the client asks
+    again at once instead of after a timeout; or after UDP_REPLY_WAIT, for a
+    datagram that the kernel lost."""
+    reply = b""
+
+    async def receive() -> None:
+        nonlocal reply
+        got = await client.recv(1000)
+        while got != answers[-1]:
+            assert got in answers[:-1], got
+            got = await client.recv(1000)
+        reply = got
+        race.cancel_scope.cancel()
+
+    async def watch() -> None:
+        await until(lambda: counts.dropped > dropped)
+        race.cancel_scope.cancel()
+
+    with trio.move_on_after(UDP_REPLY_WAIT):
+        async with trio.open_nursery() as race:
+            race.start_soon(receive)
+            race.start_soon(watch)
+    return reply
+
+
 async def test_loopback_errors_on_every_call_cost_no_reply_that_a_retry_cannot_get(
     server_socket: socket.socket, nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -375,13 +404,10 @@ async def test_loopback_errors_on_every_call_cost_no_reply_that_a_retry_cannot_g
                 # As the UDP client does: a lost reply is asked for again,
                 # and a late reply to an earlier request is not this one's.
                 while reply != expected[n]:
+                    dropped = counts.dropped
                     await client.send(request)
                     sends += 1
-                    with trio.move_on_after(0.1):
-                        reply = await client.recv(1000)
-                        while reply != expected[n]:
-                            assert reply in expected[:n], reply
-                            reply = await client.recv(1000)
+                    reply = await _reply_unless_dropped(client, expected[: n + 1], counts, dropped)
     assert sock.receive_errors == sock.send_errors == []
     # A send error costs that one reply (but EAGAIN, which waits for room).
     assert counts.dropped == len(errors) - errors.count(errno.EAGAIN)
