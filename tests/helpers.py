@@ -6,17 +6,21 @@ and the command line run as a user runs it (a subprocess)."""
 from __future__ import annotations
 
 import collections
+import contextlib
 import errno
 import functools
 import itertools
+import logging
 import math
 import os
 import re
 import select
 import signal
 import socket
+import struct
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import (
     Awaitable,
@@ -32,6 +36,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, ParamSpec, TypeVar
 
+import pytest
 import trio
 import trio.testing
 
@@ -171,6 +176,12 @@ def writable(sock: trio.socket.SocketType | socket.socket) -> bool:
     return bool(ready)
 
 
+def reset_on_close(sock: trio.socket.SocketType | socket.socket) -> None:
+    """Make closing ``sock`` send a TCP reset instead of a FIN: SO_LINGER on,
+    with a zero timeout."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+
 def accept_queue(port: int) -> int:
     """How many connections the kernel has completed for the listening TCP
     socket on 127.0.0.1 ``port`` that no one has accepted yet (Linux: for a
@@ -186,6 +197,25 @@ def accept_queue(port: int) -> int:
 
 def can_see_accept_queues() -> bool:
     return os.path.exists("/proc/net/tcp")
+
+
+# --- What the server logs ---------------------------------------------------------------
+
+# The server's lines when new connections start to wait (out of connection
+# slots or descriptors), and when accepting resumes.
+PAUSED = "new connections wait until one closes"
+RESUMED = "accepting connections again"
+
+
+def warnings_logged(caplog: pytest.LogCaptureFixture, logger: str | None = None) -> list[str]:
+    """Every record at warning level or above (of ``logger`` alone, if
+    given). The server logs a fault that escapes a handler as an error, and
+    keeps serving: in a test of faults this is the only trace of one."""
+    return [
+        record.getMessage()
+        for record in caplog.records
+        if record.levelno >= logging.WARNING and logger in (None, record.name)
+    ]
 
 
 # --- Streams with faults to inject ---------------------------------------------------
@@ -673,6 +703,42 @@ def run_cli(*args: str, input: bytes = b"") -> subprocess.CompletedProcess[bytes
     return subprocess.run(
         cli(*args), input=input, capture_output=True, timeout=PROCESS_TIMEOUT, check=False
     )
+
+
+class PipedProcess:
+    """A command with its stdin, stdout and stderr on pipes, which a watchdog
+    kills after PROCESS_TIMEOUT, so that no read of its output can hang the
+    test. At the end of its ``with`` it is killed if still running, and its
+    pipes are closed."""
+
+    def __init__(self, argv: list[str]) -> None:
+        self.proc = subprocess.Popen(
+            argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+        assert self.proc.stdin is not None
+        assert self.proc.stdout is not None
+        assert self.proc.stderr is not None
+        self.stdin, self.stdout, self.stderr = self.proc.stdin, self.proc.stdout, self.proc.stderr
+        self._watchdog = threading.Timer(PROCESS_TIMEOUT, self.proc.kill)
+
+    def __enter__(self) -> PipedProcess:
+        self._watchdog.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self._watchdog.cancel()
+        if self.proc.returncode is None:
+            self.proc.kill()
+            self.proc.wait(timeout=PROCESS_TIMEOUT)
+        with contextlib.suppress(BrokenPipeError):
+            self.stdin.close()
+        self.stdout.close()
+        self.stderr.close()
 
 
 class OutputReader:

@@ -25,6 +25,7 @@ from trio_upper.errors import UserError
 from .helpers import (
     PROCESS_TIMEOUT,
     OutputReader,
+    PipedProcess,
     ServerProcess,
     cli,
     entry_for,
@@ -90,14 +91,23 @@ def test_top_level_help_lists_the_commands() -> None:
 
 # Every option of each command, and the default its help must state (None: a
 # flag, which has no default worth stating).
+EVERY_COMMAND: dict[str, str | None] = {
+    "-h": None,
+    "--help": None,
+    "-v": None,
+    "--verbose": None,
+    "-q": None,
+    "--quiet": None,
+}
+EVERY_CLIENT: dict[str, str | None] = {
+    **EVERY_COMMAND,
+    "HOST": "(default: localhost)",
+    "-p": "(default: 12000)",
+    "--port": "(default: 12000)",
+}
 HELP_DEFAULTS: dict[str, dict[str, str | None]] = {
     "serve": {
-        "-h": None,
-        "--help": None,
-        "-v": None,
-        "--verbose": None,
-        "-q": None,
-        "--quiet": None,
+        **EVERY_COMMAND,
         "--host": "(default: all interfaces",
         "-p": "(default: 12000)",
         "--port": "(default: 12000)",
@@ -107,28 +117,12 @@ HELP_DEFAULTS: dict[str, dict[str, str | None]] = {
         "--grace": "(default: 5.0)",
     },
     "tcp": {
-        "-h": None,
-        "--help": None,
-        "-v": None,
-        "--verbose": None,
-        "-q": None,
-        "--quiet": None,
-        "HOST": "(default: localhost)",
-        "-p": "(default: 12000)",
-        "--port": "(default: 12000)",
+        **EVERY_CLIENT,
         "--timeout": "(default: 5.0)",
         "--connect-timeout": "(default: 5.0)",
     },
     "udp": {
-        "-h": None,
-        "--help": None,
-        "-v": None,
-        "--verbose": None,
-        "-q": None,
-        "--quiet": None,
-        "HOST": "(default: localhost)",
-        "-p": "(default: 12000)",
-        "--port": "(default: 12000)",
+        **EVERY_CLIENT,
         "--timeout": "(default: 1.0)",
         "--retries": "(default: 2)",
     },
@@ -457,51 +451,37 @@ MAX_CLIENT_RSS_KIB = 150 * 1024
 def test_tcp_client_streams_200_mb_in_bounded_memory(server_process: ServerProcess) -> None:
     block = PATTERN * (READ_SIZE // len(PATTERN))
     expected = PATTERN.upper() * (READ_SIZE // len(PATTERN) + 2)
-    proc = subprocess.Popen(
-        cli("tcp", "127.0.0.1", "-p", str(server_process.port)),
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
-    assert proc.stdin is not None
-    assert proc.stdout is not None
-    assert proc.stderr is not None
-    stdin = proc.stdin
+    with PipedProcess(cli("tcp", "127.0.0.1", "-p", str(server_process.port))) as client:
+        proc, stdin = client.proc, client.stdin
 
-    def feed() -> None:
-        # A client that dies early breaks the pipe: the reader side reports it.
-        with contextlib.suppress(BrokenPipeError), stdin:
-            left = BIG_INPUT_SIZE
-            while left:
-                chunk = block[:left]
-                stdin.write(chunk)
-                left -= len(chunk)
+        def feed() -> None:
+            # A client that dies early breaks the pipe: the reader side reports it.
+            with contextlib.suppress(BrokenPipeError), stdin:
+                left = BIG_INPUT_SIZE
+                while left:
+                    chunk = block[:left]
+                    stdin.write(chunk)
+                    left -= len(chunk)
 
-    feeder = threading.Thread(target=feed, daemon=True)
-    watchdog = threading.Timer(PROCESS_TIMEOUT, proc.kill)
-    total = 0
-    mismatch_at: int | None = None
-    try:
-        feeder.start()
-        watchdog.start()
-        fd = proc.stdout.fileno()
-        while data := os.read(fd, READ_SIZE):
-            offset = total % len(PATTERN)
-            if data != expected[offset : offset + len(data)]:
-                mismatch_at = total
-                break
-            total += len(data)
-        _, wait_status, usage = os.wait4(proc.pid, 0)
-        proc.returncode = os.waitstatus_to_exitcode(wait_status)
-        errors = proc.stderr.read()
-    finally:
-        watchdog.cancel()
-        if proc.returncode is None:
-            proc.kill()
-            proc.wait(timeout=PROCESS_TIMEOUT)
-        feeder.join(timeout=PROCESS_TIMEOUT)
-        proc.stdout.close()
-        proc.stderr.close()
+        feeder = threading.Thread(target=feed, daemon=True)
+        total = 0
+        mismatch_at: int | None = None
+        try:
+            feeder.start()
+            fd = client.stdout.fileno()
+            while data := os.read(fd, READ_SIZE):
+                offset = total % len(PATTERN)
+                if data != expected[offset : offset + len(data)]:
+                    mismatch_at = total
+                    break
+                total += len(data)
+            _, wait_status, usage = os.wait4(proc.pid, 0)
+            proc.returncode = os.waitstatus_to_exitcode(wait_status)
+            errors = client.stderr.read()
+        finally:
+            if proc.returncode is None:
+                proc.kill()  # so that the feeder, writing to it, ends too
+            feeder.join(timeout=PROCESS_TIMEOUT)
 
     assert mismatch_at is None, f"output differs from the uppercase at byte {mismatch_at}"
     assert total == BIG_INPUT_SIZE
@@ -557,26 +537,14 @@ def test_quiet_server_prints_nothing_but_serves() -> None:
 
 def test_client_interrupted_by_ctrl_c_exits_130_quietly(server_process: ServerProcess) -> None:
     # A client in stream mode, its stdin open and idle, gets SIGINT.
-    proc = subprocess.Popen(
-        cli("tcp", "127.0.0.1", "-p", str(server_process.port)),
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
-    assert proc.stdin is not None
-    assert proc.stdout is not None
-    try:
-        proc.stdin.write(b"ready?\n")
-        proc.stdin.flush()
-        stdout = OutputReader(proc.stdout.fileno(), "the client's stdout")
+    with PipedProcess(cli("tcp", "127.0.0.1", "-p", str(server_process.port))) as client:
+        client.stdin.write(b"ready?\n")
+        client.stdin.flush()
+        stdout = OutputReader(client.stdout.fileno(), "the client's stdout")
         assert stdout.read_until(b"\n") == b"READY?\n"  # connected and running
-        proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=PROCESS_TIMEOUT)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate(timeout=PROCESS_TIMEOUT)
-    assert proc.returncode == 130
+        client.proc.send_signal(signal.SIGINT)
+        out, err = client.proc.communicate(timeout=PROCESS_TIMEOUT)
+    assert client.proc.returncode == 130
     assert out == b""
     assert b"Traceback" not in err
     assert err.strip() == b""

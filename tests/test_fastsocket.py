@@ -8,7 +8,6 @@ import contextlib
 import errno
 import os
 import socket
-import struct
 import threading
 from collections.abc import Iterator
 from functools import partial
@@ -27,6 +26,7 @@ from .helpers import (
     LoopbackServer,
     fails_if_it_hangs,
     receive_exactly,
+    reset_on_close,
     until,
     writable,
 )
@@ -84,8 +84,7 @@ async def test_fast_socket_stream_rejects_a_datagram_socket() -> None:
 @fails_if_it_hangs(LOOPBACK_HANG)
 async def test_a_reset_is_a_broken_stream_not_an_os_error() -> None:
     client, server = await _stream_pair()
-    # SO_LINGER 0: close sends RST instead of FIN.
-    client.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    reset_on_close(client.socket)
     await client.aclose()
     with pytest.raises(trio.BrokenResourceError) as caught:
         await server.receive_some()

@@ -32,7 +32,6 @@ import logging
 import os
 import random
 import socket
-import struct
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -58,8 +57,10 @@ from .helpers import (
     fails_if_it_hangs,
     receive_exactly,
     receive_until_eof,
+    reset_on_close,
     serve_in_memory,
     until,
+    warnings_logged,
     writable,
 )
 
@@ -117,13 +118,6 @@ def assert_prefix(reply: bytes, of: bytes) -> None:
         f"reply ({len(reply)} bytes) is not a prefix of the expected {len(of)} bytes: "
         f"first difference at byte {at}: {reply[at : at + 16]!r} != {of[at : at + 16]!r}"
     )
-
-
-def no_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
-    """Every record at warning level or above. The server logs a fault that
-    escapes the handler as an error (it keeps serving, so this is the only
-    trace of one); a contained fault is a debug line."""
-    return [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
 
 
 # --- The fault-injecting stream (FaultyStream, in helpers.py) ---------------------------
@@ -766,7 +760,7 @@ async def test_the_server_contains_a_fault_to_its_connection(
     assert (stats.connections, stats.active, stats.cut_off) == (3, 0, 0)
     served.server.shutdown(grace=0)
     await served.done.wait()
-    assert no_warnings(caplog) == []
+    assert warnings_logged(caplog) == []
 
 
 @fails_if_it_hangs(VIRTUAL_HANG)
@@ -808,7 +802,7 @@ async def test_half_open_connections_are_cut_off_at_shutdown_and_only_they(
     assert await silent_client.receive_some() == b""
     assert_prefix(await receive_until_eof(not_reading), upper_bytes(BIG_REQUEST))
     assert await receive_until_eof(stalled) == b"AB"
-    assert no_warnings(caplog) == []
+    assert warnings_logged(caplog) == []
 
 
 # --- Property: a storm of faulty connections at once, through the server -------------
@@ -936,8 +930,8 @@ def test_a_storm_of_faulty_connections_harms_none_of_the_others(
 
 
 async def reset_socket(stream: trio.SocketStream) -> None:
-    """Close with SO_LINGER 0, which sends a TCP RST instead of a FIN."""
-    stream.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    """Close with a TCP RST instead of a FIN."""
+    reset_on_close(stream.socket)
     await stream.aclose()
 
 
@@ -971,7 +965,7 @@ async def test_loopback_reset_mid_reply_while_another_connection_keeps_working(
     assert stats.connections == 2
     async with await loopback.connect() as fresh:
         assert await converse(fresh, [b"fresh"]) == b"FRESH"
-    assert no_warnings(caplog) == []
+    assert warnings_logged(caplog) == []
 
 
 LOOPBACK_PIECES = [b"hello ", "straße ".encode(), "ΐ".encode(), "ŉ".encode(), b"\xff\xfe"]
@@ -1055,7 +1049,7 @@ async def test_loopback_hundreds_of_connections_some_resetting(
     async with await loopback.connect() as fresh:
         request = "after the storm: straße ΐ".encode()
         assert await converse(fresh, [request]) == upper_bytes(request)
-    assert no_warnings(caplog) == []
+    assert warnings_logged(caplog) == []
 
 
 def connect_and_vanish_before_accept(port: int, count: int) -> set[int]:
@@ -1071,7 +1065,7 @@ def connect_and_vanish_before_accept(port: int, count: int) -> set[int]:
             if i % 3:
                 sock.sendall("going, going: straße".encode())
             if i % 3 != 2:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                reset_on_close(sock)
     return ports
 
 
@@ -1095,7 +1089,7 @@ async def test_loopback_connections_gone_before_they_are_accepted(
     # Some systems skip such connections at accept; Linux hands them over.
     assert 2 <= stats.connections <= 62
     assert stats.cut_off == 0
-    assert no_warnings(caplog) == []
+    assert warnings_logged(caplog) == []
 
 
 @fails_if_it_hangs(LOOPBACK_HANG)
@@ -1187,4 +1181,4 @@ async def test_loopback_a_reset_before_accept_on_macos_stops_only_that_connectio
         assert escaped == [], f"the server stopped: {escaped[0]!r}"
         assert reply == b"AFTER"
         server.shutdown(grace=0)
-    assert no_warnings(caplog) == []
+    assert warnings_logged(caplog) == []

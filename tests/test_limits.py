@@ -44,7 +44,9 @@ from trio_upper.transform import upper_bytes
 from . import helpers
 from .helpers import (
     LOOPBACK_HANG,
+    PAUSED,
     PROCESS_TIMEOUT,
+    RESUMED,
     VIRTUAL_HANG,
     InMemoryServer,
     LoopbackServer,
@@ -64,6 +66,7 @@ from .helpers import (
     until,
     usage_error_line,
     wait_until,
+    warnings_logged,
     writable,
 )
 
@@ -75,10 +78,6 @@ HalfCloseable = trio.abc.HalfCloseableStream
 IDLE = 10.0
 IDLE_SLACK = 1 / 8
 
-# The log lines of the issue: one when new connections start to wait, one when
-# accepting resumes.
-PAUSED = "new connections wait until one closes"
-RESUMED = "accepting connections again"
 MAX_CONNECTIONS_PAUSE = " open, the most --max-connections allows; " + PAUSED
 
 # Text that grows, shrinks and breaks: "ΐ" comes back three times longer,
@@ -110,11 +109,7 @@ async def exchange(stream: trio.abc.Stream, request: bytes) -> None:
 
 
 def server_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
-    return [
-        record.getMessage()
-        for record in caplog.records
-        if record.name == "trio_upper.server" and record.levelno >= logging.WARNING
-    ]
+    return warnings_logged(caplog, "trio_upper.server")
 
 
 def lines_with(lines: list[str], marker: str) -> list[str]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import errno
 import socket
-import struct
 from typing import Any
 
 import pytest
@@ -26,6 +25,7 @@ from .helpers import (
     fails_if_it_hangs,
     receive_exactly,
     receive_until_eof,
+    reset_on_close,
     serve_in_memory,
     udp_exchange,
 )
@@ -80,8 +80,7 @@ async def test_client_reset_mid_stream_leaves_server_serving(loopback: LoopbackS
     async with trio.open_nursery() as nursery:
         nursery.start_soon(flood)
         assert await stream.receive_some(1) == b"X"  # the server is mid-reply
-        # SO_LINGER with a zero timeout turns close() into a TCP reset.
-        stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        reset_on_close(stream.socket)
         stream.socket.close()
     async with await loopback.connect() as other:
         await other.send_all(b"still here")

@@ -10,7 +10,6 @@ real socket.
 from __future__ import annotations
 
 import errno
-import logging
 import os
 import socket
 from collections.abc import Iterator
@@ -30,6 +29,7 @@ from .helpers import (
     VIRTUAL_HANG,
     FakeDatagramSocket,
     until,
+    warnings_logged,
 )
 
 # The errors the loop must ride out: the kernel short of memory or buffers,
@@ -38,10 +38,6 @@ TRANSIENT = [errno.ENOBUFS, errno.ENOMEM, errno.EAGAIN]
 
 # Errors one sender causes: an ICMP error for an earlier reply.
 FROM_A_PEER = [errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH]
-
-
-def warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
-    return [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
 
 
 @pytest.fixture
@@ -160,7 +156,7 @@ async def test_rate_limit_answers_the_burst_then_refuses_and_logs_once(
     assert counts == UdpCounts(datagrams=24, rate_limited=16)
     # One line for the whole run of refusals, not one per datagram: the
     # bucket has not been full since the first.
-    [warning] = warnings(caplog)
+    [warning] = warnings_logged(caplog)
     assert "127.0.0.0/24" in warning
     assert "--udp-rate-limit" in warning
 
@@ -187,7 +183,7 @@ async def test_a_reply_with_no_room_waits_then_is_dropped_and_counted(
         sock.make_room()
         assert await sock.replies(1) == [b"SECOND"]
     assert counts == UdpCounts(datagrams=2, dropped=1)
-    [warning] = warnings(caplog)
+    [warning] = warnings_logged(caplog)
     assert f"dropped: no room to send it for {SEND_PATIENCE:g} s" in warning
 
 
@@ -226,7 +222,7 @@ async def test_receive_errors_are_waited_out_logged_once_and_cost_no_datagram(
         # Each failure waited RECEIVE_RETRY before the next try: no spinning.
         assert trio.current_time() - failed_at == pytest.approx(50 * RECEIVE_RETRY)
     assert counts == UdpCounts(datagrams=2)
-    assert warnings(caplog) == [
+    assert warnings_logged(caplog) == [
         f"udp 192.0.2.1:12000: cannot receive: {os.strerror(error)}; "
         f"retrying every {RECEIVE_RETRY:g} s",
         "udp 192.0.2.1:12000: receiving again, after 5.0 s",
@@ -250,7 +246,7 @@ async def test_an_icmp_error_on_receive_is_skipped_quietly(
         sock.deliver(b"three")
         assert await sock.replies(3) == [b"ONE", b"TWO", b"THREE"]
     assert counts == UdpCounts(datagrams=3)
-    assert warnings(caplog) == []
+    assert warnings_logged(caplog) == []
 
 
 @pytest.mark.parametrize("error", [errno.ENOBUFS, errno.ENOMEM], ids=errno.errorcode.get)
@@ -268,7 +264,7 @@ async def test_send_errors_drop_that_reply_only_and_are_logged_once_per_run(
             sock.deliver(b"request %d" % n)
         assert await sock.replies(2) == [b"REQUEST 3", b"REQUEST 4"]
     assert counts == UdpCounts(datagrams=5, dropped=3)
-    assert warnings(caplog) == [
+    assert warnings_logged(caplog) == [
         f"udp 192.0.2.1:12000: cannot send replies: {os.strerror(error)}; dropping them",
         "udp 192.0.2.1:12000: sending replies again, after 0.0 s",
     ]
@@ -416,6 +412,6 @@ async def test_loopback_errors_on_every_call_cost_no_reply_that_a_retry_cannot_g
     assert 40 + counts.dropped <= counts.datagrams <= sends
     # One line for each run, and a run within a few seconds of the last is
     # not logged again: the first of each kind.
-    lines = warnings(caplog)
+    lines = warnings_logged(caplog)
     assert any("cannot receive: No buffer space available" in line for line in lines), lines
     assert any("cannot send replies: No buffer space available" in line for line in lines)
