@@ -22,14 +22,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import (
-    Awaitable,
-    Callable,
-    Coroutine,
-    Iterable,
-    Iterator,
-    Sequence,
-)
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -186,7 +179,9 @@ def accept_queue(port: int) -> int:
     """How many connections the kernel has completed for the listening TCP
     socket on 127.0.0.1 ``port`` that no one has accepted yet (Linux: for a
     listening socket, /proc/net/tcp's rx_queue is its accept queue)."""
-    local = f"0100007F:{port:04X}"
+    # The table prints the address as the host's integer of its 4 bytes.
+    (address,) = struct.unpack("=I", socket.inet_aton("127.0.0.1"))
+    local = f"{address:08X}:{port:04X}"
     with open("/proc/net/tcp") as table:
         for line in itertools.islice(table, 1, None):
             fields = line.split()
