@@ -17,17 +17,7 @@ import trio.testing
 
 from trio_upper.capacity import ACCEPT_RETRY, CapacityListener, ConnectionSlots, SlotStream
 
-from .helpers import Listener, dial
-
-# Virtual seconds: only a deadlock gets this far, and then fails at once.
-HANG = 24 * 3600.0
-
-PAUSED = "new connections wait until one closes"
-RESUMED = "accepting connections again"
-
-
-def warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
-    return [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+from .helpers import PAUSED, RESUMED, VIRTUAL_HANG, Listener, dial, warnings_logged
 
 
 async def accept_forever(listener: CapacityListener, accepted: list[SlotStream]) -> None:
@@ -38,7 +28,7 @@ async def accept_forever(listener: CapacityListener, accepted: list[SlotStream])
 async def test_accepts_only_while_a_slot_is_free_and_a_stream_holds_its_slot_until_closed(
     nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
 ) -> None:
-    with trio.fail_after(HANG):
+    with trio.fail_after(VIRTUAL_HANG):
         inner = Listener()
         slots = ConnectionSlots(2)
         accepted: list[SlotStream] = []
@@ -62,7 +52,7 @@ async def test_accepts_only_while_a_slot_is_free_and_a_stream_holds_its_slot_unt
 async def test_the_slots_are_shared_by_every_listener(
     nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
 ) -> None:
-    with trio.fail_after(HANG):
+    with trio.fail_after(VIRTUAL_HANG):
         slots = ConnectionSlots(1)
         first, second = Listener(), Listener()
         accepted: list[SlotStream] = []
@@ -90,24 +80,24 @@ async def test_accepting_again_is_logged_when_the_slot_frees_not_at_the_next_con
     # The example: --max-connections 1, the slot frees at t=5, the
     # next client comes an hour later.
     caplog.set_level(logging.WARNING, logger="trio_upper")
-    with trio.fail_after(HANG):
+    with trio.fail_after(VIRTUAL_HANG):
         inner = Listener()
         accepted: list[SlotStream] = []
         nursery.start_soon(accept_forever, CapacityListener(inner, ConnectionSlots(1)), accepted)
         start = trio.current_time()
         await inner.connect()
         await trio.testing.wait_all_tasks_blocked()
-        [paused] = warnings(caplog)
+        [paused] = warnings_logged(caplog)
         assert paused == f"1 connection open, the most --max-connections allows; {PAUSED}"
         await trio.sleep(5)
         await accepted[0].aclose()
-        assert warnings(caplog)[1:] == [f"{RESUMED}, after 5.0 s"]
+        assert warnings_logged(caplog)[1:] == [f"{RESUMED}, after 5.0 s"]
         assert trio.current_time() - start == 5
         await trio.sleep(3600)
         await inner.connect()
         await trio.testing.wait_all_tasks_blocked()
         # Full again, an hour after the last line: a new run, logged afresh.
-        assert warnings(caplog)[2:] == [paused]
+        assert warnings_logged(caplog)[2:] == [paused]
 
 
 @pytest.mark.parametrize(
@@ -120,7 +110,7 @@ async def test_running_out_of_resources_waits_and_retries_and_logs_the_run_once(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.WARNING, logger="trio_upper")
-    with trio.fail_after(HANG):
+    with trio.fail_after(VIRTUAL_HANG):
         inner = Listener()
         inner.fail_with = error
         accepted: list[SlotStream] = []
@@ -130,11 +120,11 @@ async def test_running_out_of_resources_waits_and_retries_and_logs_the_run_once(
         assert not waiting.accepted.is_set()
         # Retried at ACCEPT_RETRY, not spun, and not given up.
         assert 60 / ACCEPT_RETRY - 2 <= inner.accept_calls <= 60 / ACCEPT_RETRY + 2
-        [paused] = warnings(caplog)
+        [paused] = warnings_logged(caplog)
         assert paused == (f"cannot accept with 0 connections open: {os.strerror(error)}; {PAUSED}")
         inner.fail_with = None
         await waiting.wait()
-        assert warnings(caplog)[1].startswith(f"{RESUMED}, after 60.")
+        assert warnings_logged(caplog)[1].startswith(f"{RESUMED}, after 60.")
         assert len(accepted) == 1
 
 
@@ -154,7 +144,7 @@ async def test_any_other_accept_error_is_raised(
 async def test_a_connection_holding_no_slot_is_closed_if_accepting_is_cancelled(
     nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
 ) -> None:
-    with trio.fail_after(HANG):
+    with trio.fail_after(VIRTUAL_HANG):
         slots = ConnectionSlots(1)
         first, second = Listener(), Listener()
         accepted: list[SlotStream] = []

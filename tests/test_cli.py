@@ -8,13 +8,11 @@ import contextlib
 import logging
 import os
 import re
-import select
 import signal
 import socket
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,23 +22,25 @@ import trio_upper
 from trio_upper.cli import _exit_status
 from trio_upper.errors import UserError
 
-from .conftest import PROCESS_TIMEOUT, ServerProcess, cli, run_cli
+from .helpers import (
+    PROCESS_TIMEOUT,
+    OutputReader,
+    PipedProcess,
+    ServerProcess,
+    cli,
+    entry_for,
+    help_entries,
+    recv_exactly,
+    recv_until_eof,
+    run_cli,
+    serving,
+    usage_error_line,
+)
 
 if sys.version_info < (3, 11):
     from exceptiongroup import BaseExceptionGroup, ExceptionGroup
 
 # --- Helpers ------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def serving(*flags: str) -> Iterator[ServerProcess]:
-    """Our server on 127.0.0.1, a port of the OS's choosing, with extra
-    ``serve`` flags; killed at the end whatever happened."""
-    server = ServerProcess(cli("serve", "--host", "127.0.0.1", "--port", "0", *flags))
-    try:
-        yield server
-    finally:
-        server.stop(signal.SIGKILL)
 
 
 def free_port(kind: socket.SocketKind) -> int:
@@ -61,93 +61,9 @@ def error_line(result: subprocess.CompletedProcess[bytes]) -> str:
     return lines[0]
 
 
-def usage_error_line(result: subprocess.CompletedProcess[bytes], command: str) -> str:
-    """argparse's answer to bad usage: status 2, nothing on stdout, the usage
-    and then exactly one error line, no traceback."""
-    assert result.returncode == 2
-    assert result.stdout == b""
-    assert b"Traceback" not in result.stderr
-    lines = result.stderr.decode().splitlines()
-    prog = f"trio-upper {command}" if command else "trio-upper"
-    assert lines[0].startswith(f"usage: {prog} ")
-    errors = [line for line in lines if "error:" in line]
-    assert errors == [lines[-1]], lines
-    assert lines[-1].startswith(f"{prog}: error: ")
-    return lines[-1]
-
-
-def read_stdout_until(server: ServerProcess, marker: str) -> str:
-    """Read the server's stdout (after its first line) until ``marker`` has
-    appeared; return all of it. Reads the file descriptor directly, as
-    ``ServerProcess.stop`` (``communicate``) does, so nothing is lost between
-    the two."""
-    assert server.proc.stdout is not None
-    fd = server.proc.stdout.fileno()
-    seen = b""
-    deadline = time.monotonic() + PROCESS_TIMEOUT
-    while marker.encode() not in seen:
-        remaining = deadline - time.monotonic()
-        assert remaining > 0, f"the server never printed {marker!r}; got {seen!r}"
-        ready, _, _ = select.select([fd], [], [], remaining)
-        if ready:
-            chunk = os.read(fd, 4096)
-            assert chunk, f"the server's stdout ended before {marker!r}: {seen!r}"
-            seen += chunk
-    return seen.decode()
-
-
-def wait_for_exit(server: ServerProcess) -> tuple[int, str, str]:
-    """Wait for the server to exit by itself (no further signal), then
-    collect (exit status, rest of stdout, stderr)."""
-    server.proc.wait(timeout=PROCESS_TIMEOUT)
-    return server.stop()
-
-
-def recv_exactly(conn: socket.socket, size: int) -> bytes:
-    data = b""
-    while len(data) < size:
-        chunk = conn.recv(size - len(data))
-        assert chunk, f"EOF after {len(data)} of {size} bytes"
-        data += chunk
-    return data
-
-
-def recv_until_eof(conn: socket.socket) -> bytes:
-    data = b""
-    while chunk := conn.recv(65536):
-        data += chunk
-    return data
-
-
 def assert_refused(port: int) -> None:
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection(("127.0.0.1", port), timeout=PROCESS_TIMEOUT).close()
-
-
-def help_entries(text: str) -> dict[str, str]:
-    """argparse help as {invocation: help text}: ``"-p PORT, --port PORT"``
-    maps to ``"port for both ... (default: 12000)"``, whitespace normalised."""
-    entries: dict[str, str] = {}
-    current: str | None = None
-    for line in text.splitlines():
-        if re.match(r"  \S", line):
-            current, _, rest = re.sub(r"^\s+", "", line).partition("  ")
-            entries[current] = rest.strip()
-        elif current is not None and re.match(r"\s{3,}\S", line):
-            entries[current] = f"{entries[current]} {line.strip()}".strip()
-        else:
-            current = None
-    return entries
-
-
-def entry_for(entries: dict[str, str], option: str) -> str:
-    found = [
-        help_text
-        for invocation, help_text in entries.items()
-        if option in re.split(r"[,\s]+", invocation)
-    ]
-    assert len(found) == 1, f"{option} in {list(entries)}"
-    return found[0]
 
 
 # --- Version, help and usage ----------------------------------------------------
@@ -175,14 +91,23 @@ def test_top_level_help_lists_the_commands() -> None:
 
 # Every option of each command, and the default its help must state (None: a
 # flag, which has no default worth stating).
+EVERY_COMMAND: dict[str, str | None] = {
+    "-h": None,
+    "--help": None,
+    "-v": None,
+    "--verbose": None,
+    "-q": None,
+    "--quiet": None,
+}
+EVERY_CLIENT: dict[str, str | None] = {
+    **EVERY_COMMAND,
+    "HOST": "(default: localhost)",
+    "-p": "(default: 12000)",
+    "--port": "(default: 12000)",
+}
 HELP_DEFAULTS: dict[str, dict[str, str | None]] = {
     "serve": {
-        "-h": None,
-        "--help": None,
-        "-v": None,
-        "--verbose": None,
-        "-q": None,
-        "--quiet": None,
+        **EVERY_COMMAND,
         "--host": "(default: all interfaces",
         "-p": "(default: 12000)",
         "--port": "(default: 12000)",
@@ -192,28 +117,12 @@ HELP_DEFAULTS: dict[str, dict[str, str | None]] = {
         "--grace": "(default: 5.0)",
     },
     "tcp": {
-        "-h": None,
-        "--help": None,
-        "-v": None,
-        "--verbose": None,
-        "-q": None,
-        "--quiet": None,
-        "HOST": "(default: localhost)",
-        "-p": "(default: 12000)",
-        "--port": "(default: 12000)",
+        **EVERY_CLIENT,
         "--timeout": "(default: 5.0)",
         "--connect-timeout": "(default: 5.0)",
     },
     "udp": {
-        "-h": None,
-        "--help": None,
-        "-v": None,
-        "--verbose": None,
-        "-q": None,
-        "--quiet": None,
-        "HOST": "(default: localhost)",
-        "-p": "(default: 12000)",
-        "--port": "(default: 12000)",
+        **EVERY_CLIENT,
         "--timeout": "(default: 1.0)",
         "--retries": "(default: 2)",
     },
@@ -289,16 +198,13 @@ def test_serve_names_every_address_it_serves(server_process: ServerProcess) -> N
 
 
 def test_serve_on_all_interfaces_names_each_with_one_port() -> None:
-    server = ServerProcess(cli("serve", "--port", "0"))
-    try:
+    with ServerProcess(cli("serve", "--port", "0")) as server:
         found = re.findall(r"\b(tcp|udp) (\S+?):(\d+)", server.first_line)
         assert {port for _, _, port in found} == {str(server.port)}
         tcp_hosts = {host for protocol, host, _ in found if protocol == "tcp"}
         udp_hosts = {host for protocol, host, _ in found if protocol == "udp"}
         assert "0.0.0.0" in tcp_hosts
         assert tcp_hosts == udp_hosts
-    finally:
-        server.stop(signal.SIGKILL)
 
 
 # --- tcp client over a pipe -------------------------------------------------------
@@ -473,70 +379,63 @@ def test_signal_stops_server_with_summary(
     assert out.splitlines()[-1] == "Stopped: served 1 TCP connection and 2 datagrams."
 
 
-def test_sigterm_lets_open_connection_finish_and_refuses_new_ones(
-    server_process: ServerProcess,
-) -> None:
-    port = server_process.port
-    with socket.create_connection(("127.0.0.1", port), timeout=PROCESS_TIMEOUT) as conn:
+# A grace period that no run reaches by accident: a pause of the machine must
+# not end it. These tests end it with a second signal, never by waiting it out;
+# that it ends by itself is test_server's, under the mock clock.
+LONG_GRACE = "3600"
+
+
+def test_sigterm_lets_open_connection_finish_and_refuses_new_ones() -> None:
+    with (
+        serving("--grace", LONG_GRACE) as server,
+        socket.create_connection(("127.0.0.1", server.port), timeout=PROCESS_TIMEOUT) as conn,
+    ):
         conn.sendall(b"abc")
         # The reply proves the server accepted the connection before SIGTERM.
         received = recv_exactly(conn, 3)
-        server_process.proc.send_signal(signal.SIGTERM)
-        notice = read_stdout_until(server_process, "\n")
+        server.proc.send_signal(signal.SIGTERM)
+        notice = server.stdout.read_until(b"\n").decode()
         assert notice.startswith("SIGTERM: refusing new connections")
         assert "1 open connection" in notice
-        assert_refused(port)  # the notice is printed once listening has stopped
+        assert_refused(server.port)  # the notice is printed once listening has stopped
         # Still within the grace period: the open connection works on.
         conn.sendall(b"def")
         conn.shutdown(socket.SHUT_WR)
         received += recv_until_eof(conn)
-    assert received == b"ABCDEF"
-
-    status, out, err = wait_for_exit(server_process)
+        assert received == b"ABCDEF"
+        status, out, err = server.wait_for_exit()
     assert status == 0
     assert "Traceback" not in err
-    summary = (notice + out).splitlines()[-1]
+    summary = out.splitlines()[-1]
     assert summary.startswith("Stopped: served ")
     assert "cut off" not in summary
 
 
-def test_sigterm_cuts_off_idle_connection_after_grace() -> None:
+def test_sigterm_holds_an_idle_connection_in_the_grace_and_a_second_signal_cuts_it_off() -> None:
     with (
-        serving("--grace", "0.5") as server,
+        serving("--grace", LONG_GRACE) as server,
         socket.create_connection(("127.0.0.1", server.port), timeout=PROCESS_TIMEOUT) as conn,
     ):
         conn.sendall(b"x")
         assert recv_exactly(conn, 1) == b"X"
         server.proc.send_signal(signal.SIGTERM)
-        # The idle connection is closed by the server at the end of the grace.
+        server.stdout.read_until(b"Ctrl-C again to stop now")
+        # The grace period runs: the idle connection is still served.
+        conn.sendall(b"y")
+        assert recv_exactly(conn, 1) == b"Y"
+        server.proc.send_signal(signal.SIGINT)
+        # The second signal ends the grace at once: the server closes it.
         assert recv_until_eof(conn) == b""
-        status, out, err = wait_for_exit(server)
+        status, out, err = server.wait_for_exit()
     assert status == 0
     assert "Traceback" not in err
     lines = out.splitlines()
-    assert lines[0].startswith("SIGTERM: refusing new connections; waiting up to 0.5 s")
+    assert lines[0].startswith(f"SIGTERM: refusing new connections; waiting up to {LONG_GRACE} s")
+    assert "Stopping now." in lines
     assert lines[-1] == (
         "Stopped: served 1 TCP connection and 0 datagrams; "
         "1 connection cut off at the end of the grace period."
     )
-
-
-def test_second_signal_stops_at_once(server_process: ServerProcess) -> None:
-    with socket.create_connection(
-        ("127.0.0.1", server_process.port), timeout=PROCESS_TIMEOUT
-    ) as conn:
-        conn.sendall(b"x")
-        assert recv_exactly(conn, 1) == b"X"
-        server_process.proc.send_signal(signal.SIGTERM)
-        notice = read_stdout_until(server_process, "Ctrl-C again to stop now")
-        server_process.proc.send_signal(signal.SIGINT)
-        assert recv_until_eof(conn) == b""
-        status, out, err = wait_for_exit(server_process)
-    assert status == 0
-    assert "Traceback" not in err
-    lines = (notice + out).splitlines()
-    assert "Stopping now." in lines
-    assert lines[-1].endswith("1 connection cut off at the end of the grace period.")
 
 
 # --- a big input through the tcp client ----------------------------------------------
@@ -552,51 +451,37 @@ MAX_CLIENT_RSS_KIB = 150 * 1024
 def test_tcp_client_streams_200_mb_in_bounded_memory(server_process: ServerProcess) -> None:
     block = PATTERN * (READ_SIZE // len(PATTERN))
     expected = PATTERN.upper() * (READ_SIZE // len(PATTERN) + 2)
-    proc = subprocess.Popen(
-        cli("tcp", "127.0.0.1", "-p", str(server_process.port)),
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
-    assert proc.stdin is not None
-    assert proc.stdout is not None
-    assert proc.stderr is not None
-    stdin = proc.stdin
+    with PipedProcess(cli("tcp", "127.0.0.1", "-p", str(server_process.port))) as client:
+        proc, stdin = client.proc, client.stdin
 
-    def feed() -> None:
-        # A client that dies early breaks the pipe: the reader side reports it.
-        with contextlib.suppress(BrokenPipeError), stdin:
-            left = BIG_INPUT_SIZE
-            while left:
-                chunk = block[:left]
-                stdin.write(chunk)
-                left -= len(chunk)
+        def feed() -> None:
+            # A client that dies early breaks the pipe: the reader side reports it.
+            with contextlib.suppress(BrokenPipeError), stdin:
+                left = BIG_INPUT_SIZE
+                while left:
+                    chunk = block[:left]
+                    stdin.write(chunk)
+                    left -= len(chunk)
 
-    feeder = threading.Thread(target=feed, daemon=True)
-    watchdog = threading.Timer(PROCESS_TIMEOUT, proc.kill)
-    total = 0
-    mismatch_at: int | None = None
-    try:
-        feeder.start()
-        watchdog.start()
-        fd = proc.stdout.fileno()
-        while data := os.read(fd, READ_SIZE):
-            offset = total % len(PATTERN)
-            if data != expected[offset : offset + len(data)]:
-                mismatch_at = total
-                break
-            total += len(data)
-        _, wait_status, usage = os.wait4(proc.pid, 0)
-        proc.returncode = os.waitstatus_to_exitcode(wait_status)
-        errors = proc.stderr.read()
-    finally:
-        watchdog.cancel()
-        if proc.returncode is None:
-            proc.kill()
-            proc.wait(timeout=PROCESS_TIMEOUT)
-        feeder.join(timeout=PROCESS_TIMEOUT)
-        proc.stdout.close()
-        proc.stderr.close()
+        feeder = threading.Thread(target=feed, daemon=True)
+        total = 0
+        mismatch_at: int | None = None
+        try:
+            feeder.start()
+            fd = client.stdout.fileno()
+            while data := os.read(fd, READ_SIZE):
+                offset = total % len(PATTERN)
+                if data != expected[offset : offset + len(data)]:
+                    mismatch_at = total
+                    break
+                total += len(data)
+            _, wait_status, usage = os.wait4(proc.pid, 0)
+            proc.returncode = os.waitstatus_to_exitcode(wait_status)
+            errors = client.stderr.read()
+        finally:
+            if proc.returncode is None:
+                proc.kill()  # so that the feeder, writing to it, ends too
+            feeder.join(timeout=PROCESS_TIMEOUT)
 
     assert mismatch_at is None, f"output differs from the uppercase at byte {mismatch_at}"
     assert total == BIG_INPUT_SIZE
@@ -652,25 +537,14 @@ def test_quiet_server_prints_nothing_but_serves() -> None:
 
 def test_client_interrupted_by_ctrl_c_exits_130_quietly(server_process: ServerProcess) -> None:
     # A client in stream mode, its stdin open and idle, gets SIGINT.
-    proc = subprocess.Popen(
-        cli("tcp", "127.0.0.1", "-p", str(server_process.port)),
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
-    assert proc.stdin is not None
-    assert proc.stdout is not None
-    try:
-        proc.stdin.write(b"ready?\n")
-        proc.stdin.flush()
-        assert proc.stdout.readline() == b"READY?\n"  # connected and running
-        proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=PROCESS_TIMEOUT)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate(timeout=PROCESS_TIMEOUT)
-    assert proc.returncode == 130
+    with PipedProcess(cli("tcp", "127.0.0.1", "-p", str(server_process.port))) as client:
+        client.stdin.write(b"ready?\n")
+        client.stdin.flush()
+        stdout = OutputReader(client.stdout.fileno(), "the client's stdout")
+        assert stdout.read_until(b"\n") == b"READY?\n"  # connected and running
+        client.proc.send_signal(signal.SIGINT)
+        out, err = client.proc.communicate(timeout=PROCESS_TIMEOUT)
+    assert client.proc.returncode == 130
     assert out == b""
     assert b"Traceback" not in err
     assert err.strip() == b""
@@ -708,36 +582,21 @@ class Terminal:
             raise
         finally:
             os.close(slave)  # the child's copies are the only ones left: EOF at its exit
-        self.screen = b""
+        self.output = OutputReader(self.master, "the terminal")
+
+    @property
+    def screen(self) -> bytes:
+        return self.output.seen
 
     def press(self, keys: bytes) -> None:
         os.write(self.master, keys)
 
-    def _read(self, deadline: float) -> bool:
-        """Read what is on the screen so far; False at the end (the child
-        and every copy of the slave are gone)."""
-        remaining = deadline - time.monotonic()
-        assert remaining > 0, f"hang guard: the terminal shows {self.screen!r}"
-        ready, _, _ = select.select([self.master], [], [], remaining)
-        if not ready:
-            return True
-        try:
-            chunk = os.read(self.master, 4096)
-        except OSError:  # EIO: the slave side is closed
-            return False
-        self.screen += chunk
-        return bool(chunk)
-
     def read_until(self, marker: bytes) -> None:
-        deadline = time.monotonic() + PROCESS_TIMEOUT
-        while marker not in self.screen:
-            assert self._read(deadline), f"{marker!r} never appeared: {self.screen!r}"
+        self.output.read_until(marker)
 
     def wait(self) -> int:
         """Read the screen to the end; return the exit status."""
-        deadline = time.monotonic() + PROCESS_TIMEOUT
-        while self._read(deadline):
-            pass
+        self.output.read_to_end()
         return self.proc.wait(timeout=PROCESS_TIMEOUT)
 
     def close(self) -> None:

@@ -8,7 +8,6 @@ import contextlib
 import errno
 import os
 import socket
-import struct
 import threading
 from collections.abc import Iterator
 from functools import partial
@@ -21,7 +20,16 @@ import trio.testing
 from trio_upper.fastsocket import FastSocketListener, FastSocketStream
 from trio_upper.server import ServerConfig, bind
 
-from .conftest import LoopbackServer, receive_exactly
+from .helpers import (
+    LOOPBACK_HANG,
+    PROCESS_TIMEOUT,
+    LoopbackServer,
+    fails_if_it_hangs,
+    receive_exactly,
+    reset_on_close,
+    until,
+    writable,
+)
 
 
 def _listening_socket() -> socket.socket:
@@ -39,8 +47,9 @@ async def _stream_pair() -> tuple[FastSocketStream, FastSocketStream]:
 
 
 async def _fill(stream: FastSocketStream) -> None:
-    """Write until the kernel's buffers on both ends are full."""
-    with trio.fail_after(30):  # a hang guard only
+    """Write until the kernel's buffers on both ends are full: the kernel
+    takes no more, and the writer waits for room."""
+    with trio.fail_after(LOOPBACK_HANG):
         async with trio.open_nursery() as nursery:
 
             async def write_forever() -> None:
@@ -48,7 +57,7 @@ async def _fill(stream: FastSocketStream) -> None:
                     await stream.send_all(b"x" * 65536)
 
             nursery.start_soon(write_forever)
-            await trio.testing.wait_all_tasks_blocked(0.01)
+            await until(lambda: not writable(stream.socket))
             nursery.cancel_scope.cancel()
 
 
@@ -62,6 +71,7 @@ async def _clogged_stream_pair() -> tuple[FastSocketStream, FastSocketStream]:
     return left, right
 
 
+@fails_if_it_hangs(LOOPBACK_HANG)
 async def test_fast_socket_stream_passes_trios_stream_checks() -> None:
     await trio.testing.check_half_closeable_stream(_stream_pair, _clogged_stream_pair)
 
@@ -71,10 +81,10 @@ async def test_fast_socket_stream_rejects_a_datagram_socket() -> None:
         FastSocketStream(sock)
 
 
+@fails_if_it_hangs(LOOPBACK_HANG)
 async def test_a_reset_is_a_broken_stream_not_an_os_error() -> None:
     client, server = await _stream_pair()
-    # SO_LINGER 0: close sends RST instead of FIN.
-    client.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    reset_on_close(client.socket)
     await client.aclose()
     with pytest.raises(trio.BrokenResourceError) as caught:
         await server.receive_some()
@@ -82,6 +92,7 @@ async def test_a_reset_is_a_broken_stream_not_an_os_error() -> None:
     await server.aclose()
 
 
+@fails_if_it_hangs(LOOPBACK_HANG)
 async def test_listener_accepts_fast_streams_and_closes() -> None:
     listener = FastSocketListener(_listening_socket())
     address = listener.socket.getsockname()
@@ -102,6 +113,7 @@ async def test_listener_accepts_fast_streams_and_closes() -> None:
         await trio.open_tcp_stream(*address)
 
 
+@fails_if_it_hangs(LOOPBACK_HANG)
 async def test_closing_the_listener_wakes_a_pending_accept() -> None:
     listener = FastSocketListener(_listening_socket())
 
@@ -175,13 +187,16 @@ def _flooding(port: int) -> Iterator[_Flood]:
         flood.sock.shutdown(socket.SHUT_RDWR)
         flood.sock.close()
         for thread in flood.threads:
-            thread.join()
+            thread.join(PROCESS_TIMEOUT)
 
 
+@fails_if_it_hangs(LOOPBACK_HANG)
 async def test_a_flooding_client_does_not_starve_another(loopback: LoopbackServer) -> None:
     with _flooding(loopback.port) as flood:
-        # Wait in a thread until the flood is being served.
-        await trio.to_thread.run_sync(flood.started.wait)
+        # Wait in a thread until the flood is being served. (A thread is
+        # not cancelled with the test: its wait has a bound of its own.)
+        started = await trio.to_thread.run_sync(flood.started.wait, LOOPBACK_HANG)
+        assert started, "the flood was never served"
         async with await loopback.connect() as polite:
             for n in range(20):
                 before = flood.received
@@ -207,6 +222,7 @@ class NoAcceptConnSocket(socket.socket):
         return super().getsockopt(level, option, *args)
 
 
+@fails_if_it_hangs(LOOPBACK_HANG)
 async def test_listener_trusts_a_socket_whose_system_cannot_say_it_listens() -> None:
     # trio.SocketListener does the same: refusing would make the server fail
     # to start on macOS.
@@ -243,6 +259,7 @@ class NotASocketAnyMore(socket.socket):
         return super().accept()
 
 
+@fails_if_it_hangs(LOOPBACK_HANG)
 async def test_enotsock_means_closed_as_in_trio() -> None:
     with _listening_socket() as listening:
         client = NotASocketAnyMore()

@@ -26,7 +26,7 @@ import pytest
 
 from trio_upper.transform import upper_bytes
 
-from .conftest import PROCESS_TIMEOUT, ServerProcess, cli
+from .helpers import PROCESS_TIMEOUT, ServerProcess, cli
 
 SOURCE = Path(__file__).parent / "faultinject" / "faultinject.c"
 

@@ -4,28 +4,21 @@ subprocesses on this machine."""
 
 from __future__ import annotations
 
-import contextlib
 import re
-import signal
 import subprocess
-import threading
-from collections.abc import Iterator
 
-from .conftest import PROCESS_TIMEOUT, ServerProcess, cli, lecture_program, run_cli
+import pytest
+
+from .helpers import PROCESS_TIMEOUT, PipedProcess, ServerProcess, cli, lecture_program, run_cli
 
 # The lecture servers read at most this much per connection or datagram.
 LECTURE_RECEIVE_SIZE = 2048
 
 
-@contextlib.contextmanager
-def lecture_server(name: str) -> Iterator[ServerProcess]:
+def lecture_server(name: str) -> ServerProcess:
     """The lecture's TCPServer or UDPServer on a port of the OS's choosing
-    (IPv4, all interfaces); killed at the end."""
-    server = ServerProcess(lecture_program(name, "0"))
-    try:
-        yield server
-    finally:
-        server.stop(signal.SIGKILL)
+    (IPv4, all interfaces); killed at the end of its ``with``."""
+    return ServerProcess(lecture_program(name, "0"))
 
 
 def run_lecture(name: str, port: int, input: bytes) -> subprocess.CompletedProcess[bytes]:
@@ -41,26 +34,24 @@ def run_lecture(name: str, port: int, input: bytes) -> subprocess.CompletedProce
 # --- The lecture's clients against our server -------------------------------------
 
 
-def test_lecture_tcp_client_against_our_server(server_process: ServerProcess) -> None:
-    result = run_lecture("TCPClient", server_process.port, b"hello lecture\n")
+@pytest.mark.parametrize(
+    ("program", "reply", "summary"),
+    [
+        ("TCPClient", b"From Server: HELLO LECTURE", "1 TCP connection and 0 datagrams"),
+        ("UDPClient", b"HELLO LECTURE", "0 TCP connections and 1 datagram"),
+    ],
+)
+def test_lecture_client_against_our_server(
+    server_process: ServerProcess, program: str, reply: bytes, summary: str
+) -> None:
+    result = run_lecture(program, server_process.port, b"hello lecture\n")
     assert result.returncode == 0, result.stderr
-    assert b"From Server: HELLO LECTURE" in result.stdout
+    assert reply in result.stdout
 
     status, out, err = server_process.stop()
     assert status == 0
     assert err == ""
-    assert out.splitlines()[-1] == "Stopped: served 1 TCP connection and 0 datagrams."
-
-
-def test_lecture_udp_client_against_our_server(server_process: ServerProcess) -> None:
-    result = run_lecture("UDPClient", server_process.port, b"hello lecture\n")
-    assert result.returncode == 0, result.stderr
-    assert b"HELLO LECTURE" in result.stdout
-
-    status, out, err = server_process.stop()
-    assert status == 0
-    assert err == ""
-    assert out.splitlines()[-1] == "Stopped: served 0 TCP connections and 1 datagram."
+    assert out.splitlines()[-1] == f"Stopped: served {summary}."
 
 
 # --- Our clients against the lecture's servers -------------------------------------
@@ -76,41 +67,22 @@ def test_our_tcp_client_against_lecture_server_gets_the_reply() -> None:
 
 def test_our_tcp_client_judges_only_input_it_has_read() -> None:
     with lecture_server("TCPServer") as server:
-        proc = subprocess.Popen(
-            # A timeout no run can reach: the client waits for the end of its
-            # input however slowly this test delivers it.
-            cli("tcp", "localhost", "-p", str(server.port), "--timeout", "600"),
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-        )
-        assert proc.stdin is not None
-        assert proc.stdout is not None
-        assert proc.stderr is not None
-        watchdog = threading.Timer(PROCESS_TIMEOUT, proc.kill)
-        watchdog.start()
-        try:
-            proc.stdin.write(b"hello\n")
-            proc.stdin.flush()
+        # A timeout no run can reach: the client waits for the end of its
+        # input however slowly this test delivers it.
+        argv = cli("tcp", "localhost", "-p", str(server.port), "--timeout", "600")
+        with PipedProcess(argv) as client:
+            client.stdin.write(b"hello\n")
+            client.stdin.flush()
             # The lecture server has answered (and is closing); the input has
             # had no more lines, but its end has not come yet.
-            reply = proc.stdout.readline()
-            assert proc.poll() is None  # still waiting to see the input end
-            proc.stdin.close()
-            proc.wait(timeout=PROCESS_TIMEOUT)
-            out, err = proc.stdout.read(), proc.stderr.read()
-        finally:
-            watchdog.cancel()
-            if proc.returncode is None:
-                proc.kill()
-                proc.wait(timeout=PROCESS_TIMEOUT)
-            with contextlib.suppress(BrokenPipeError):
-                proc.stdin.close()
-            proc.stdout.close()
-            proc.stderr.close()
+            reply = client.stdout.readline()
+            assert client.proc.poll() is None  # still waiting to see the input end
+            client.stdin.close()
+            client.proc.wait(timeout=PROCESS_TIMEOUT)
+            out, err = client.stdout.read(), client.stderr.read()
     assert reply + out == b"HELLO\n"
     assert err == b""
-    assert proc.returncode == 0
+    assert client.proc.returncode == 0
 
 
 def test_our_tcp_client_reports_lecture_server_closing_early() -> None:

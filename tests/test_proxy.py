@@ -20,8 +20,7 @@ from trio_upper.server import Endpoint, ServerConfig, UpperServer
 from trio_upper.transform import upper_bytes
 from trio_upper.udp import UdpCounts, serve_udp
 
-from .conftest import PROCESS_TIMEOUT, receive_until_eof, run_cli
-from .helpers import FakeDatagramSocket
+from .helpers import PROCESS_TIMEOUT, FakeDatagramSocket, receive_until_eof, run_cli
 
 V1 = b"PROXY TCP4 203.0.113.9 192.0.2.1 4242 12000\r\n"
 

@@ -19,7 +19,7 @@ from trio_upper.errors import UserError
 from trio_upper.server import Endpoint, ServerConfig, UpperServer
 from trio_upper.transform import upper_bytes
 
-from .conftest import PROCESS_TIMEOUT, ServerProcess, cli
+from .helpers import PROCESS_TIMEOUT, ServerProcess, cli
 
 needs_reuse_port = pytest.mark.skipif(
     not hasattr(socket, "SO_REUSEPORT") or not sys.platform.startswith("linux"),

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import errno
 import socket
-import struct
 from typing import Any
 
 import pytest
@@ -19,7 +18,17 @@ from trio_upper.transform import upper_ascii, upper_bytes
 from trio_upper.udp import MAX_PAYLOAD_IPV4, MAX_PAYLOAD_IPV6
 from trio_upper.udp_client import udp_session
 
-from .conftest import LoopbackServer, MemoryListener, receive_exactly, receive_until_eof
+from .helpers import (
+    LOOPBACK_HANG,
+    VIRTUAL_HANG,
+    LoopbackServer,
+    fails_if_it_hangs,
+    receive_exactly,
+    receive_until_eof,
+    reset_on_close,
+    serve_in_memory,
+    udp_exchange,
+)
 
 # --- loopback ---------------------------------------------------------------
 
@@ -32,6 +41,7 @@ async def test_serves_tcp_and_udp_on_one_port(loopback: LoopbackServer) -> None:
     assert loopback.port != 0
 
 
+@fails_if_it_hangs(LOOPBACK_HANG)
 async def test_tcp_replies_without_waiting_for_newline(loopback: LoopbackServer) -> None:
     async with await loopback.connect() as stream:
         await stream.send_all(b"hello")
@@ -40,6 +50,7 @@ async def test_tcp_replies_without_waiting_for_newline(loopback: LoopbackServer)
         assert await receive_exactly(stream, 8) == b"STRASSE\n"
 
 
+@fails_if_it_hangs(LOOPBACK_HANG)
 async def test_half_close_flushes_then_closes(loopback: LoopbackServer) -> None:
     async with await loopback.connect() as stream:
         await stream.send_all(b"abc\xe2\x82")  # ends inside a 3-byte character
@@ -47,6 +58,7 @@ async def test_half_close_flushes_then_closes(loopback: LoopbackServer) -> None:
         assert await receive_until_eof(stream) == b"ABC\xe2\x82"
 
 
+@fails_if_it_hangs(LOOPBACK_HANG)
 async def test_idle_client_does_not_hold_up_another(loopback: LoopbackServer) -> None:
     # The lecture's server is sequential; ours must not be.
     async with await loopback.connect() as idle, await loopback.connect() as busy:
@@ -56,6 +68,7 @@ async def test_idle_client_does_not_hold_up_another(loopback: LoopbackServer) ->
         assert await receive_exactly(idle, 5) == b"FIRST"
 
 
+@fails_if_it_hangs(LOOPBACK_HANG)
 async def test_client_reset_mid_stream_leaves_server_serving(loopback: LoopbackServer) -> None:
     stream = await loopback.connect()
 
@@ -67,8 +80,7 @@ async def test_client_reset_mid_stream_leaves_server_serving(loopback: LoopbackS
     async with trio.open_nursery() as nursery:
         nursery.start_soon(flood)
         assert await stream.receive_some(1) == b"X"  # the server is mid-reply
-        # SO_LINGER with a zero timeout turns close() into a TCP reset.
-        stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        reset_on_close(stream.socket)
         stream.socket.close()
     async with await loopback.connect() as other:
         await other.send_all(b"still here")
@@ -76,17 +88,18 @@ async def test_client_reset_mid_stream_leaves_server_serving(loopback: LoopbackS
     assert loopback.server.stats.connections == 2
 
 
+@fails_if_it_hangs(LOOPBACK_HANG)
 async def test_udp_datagram_of_maximum_size_comes_back_whole(loopback: LoopbackServer) -> None:
     request = b"abc \xc3\xa9" * 10_917 + b"abcde"
     assert len(request) == MAX_PAYLOAD_IPV4
     with loopback.udp_socket() as sock:
         await sock.connect(("127.0.0.1", loopback.port))
-        await sock.send(request)
-        reply = await sock.recv(70_000)
+        reply = await udp_exchange(sock, request)
     assert reply == upper_bytes(request)
     assert len(reply) == MAX_PAYLOAD_IPV4
 
 
+@fails_if_it_hangs(LOOPBACK_HANG)
 async def test_udp_reply_that_would_grow_too_big_falls_back_to_ascii(
     loopback: LoopbackServer,
 ) -> None:
@@ -96,25 +109,24 @@ async def test_udp_reply_that_would_grow_too_big_falls_back_to_ascii(
     assert len(upper_bytes(request)) > MAX_PAYLOAD_IPV4
     with loopback.udp_socket() as sock:
         await sock.connect(("127.0.0.1", loopback.port))
-        await sock.send(request)
-        reply = await sock.recv(70_000)
+        reply = await udp_exchange(sock, request)
     assert reply == upper_ascii(request)
 
 
+@fails_if_it_hangs(LOOPBACK_HANG)
 async def test_udp_serves_many_senders(loopback: LoopbackServer) -> None:
     for i in range(5):
         with loopback.udp_socket() as sock:
             await sock.connect(("127.0.0.1", loopback.port))
-            await sock.send(f"sender {i}".encode())
-            assert await sock.recv(100) == f"SENDER {i}".encode()
+            assert await udp_exchange(sock, f"sender {i}".encode()) == f"SENDER {i}".encode()
     assert loopback.server.stats.udp.datagrams == 5
 
 
+@fails_if_it_hangs(LOOPBACK_HANG)
 async def test_empty_datagram_gets_empty_reply(loopback: LoopbackServer) -> None:
     with loopback.udp_socket() as sock:
         await sock.connect(("127.0.0.1", loopback.port))
-        await sock.send(b"")
-        assert await sock.recv(100) == b""
+        assert await udp_exchange(sock, b"") == b""
 
 
 def ipv6_loopback_works() -> bool:
@@ -127,6 +139,7 @@ def ipv6_loopback_works() -> bool:
 
 
 @pytest.mark.skipif(not ipv6_loopback_works(), reason="no IPv6 loopback here")
+@fails_if_it_hangs(LOOPBACK_HANG)
 async def test_udp_client_falls_back_from_refusing_ipv6_to_ipv4(
     loopback: LoopbackServer,
 ) -> None:
@@ -151,6 +164,7 @@ async def test_udp_client_falls_back_from_refusing_ipv6_to_ipv4(
     assert out == [b"FIRST\n", b"SECOND\n"]
 
 
+@fails_if_it_hangs(LOOPBACK_HANG)
 async def test_default_host_serves_every_family(nursery: trio.Nursery) -> None:
     server = UpperServer(ServerConfig(port=0))
     endpoints: list[Endpoint] = await nursery.start(server.run)
@@ -169,6 +183,7 @@ async def test_default_host_serves_every_family(nursery: trio.Nursery) -> None:
         (ServerConfig(host="127.0.0.1", port=0, tcp=False), {"udp"}),
     ],
 )
+@fails_if_it_hangs(LOOPBACK_HANG)
 async def test_serve_one_protocol_only(
     nursery: trio.Nursery, config: ServerConfig, protocols: set[str]
 ) -> None:
@@ -178,6 +193,7 @@ async def test_serve_one_protocol_only(
     server.shutdown(grace=0)
 
 
+@fails_if_it_hangs(LOOPBACK_HANG)
 async def test_port_in_use_is_a_user_error(loopback: LoopbackServer) -> None:
     with pytest.raises(UserError, match="Address already in use"):
         await UpperServer(ServerConfig(host="127.0.0.1", port=loopback.port)).run()
@@ -199,6 +215,7 @@ async def _squat_udp_on_a_free_tcp_port(squatter: trio.socket.SocketType) -> int
     raise AssertionError("no port was free on both TCP and UDP")
 
 
+@fails_if_it_hangs(LOOPBACK_HANG)
 async def test_port_in_use_on_udp_only_releases_tcp(nursery: trio.Nursery) -> None:
     with trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as squatter:
         port = await _squat_udp_on_a_free_tcp_port(squatter)
@@ -211,11 +228,13 @@ async def test_port_in_use_on_udp_only_releases_tcp(nursery: trio.Nursery) -> No
     server.shutdown(grace=0)
 
 
+@fails_if_it_hangs(LOOPBACK_HANG)
 async def test_unresolvable_host_is_a_user_error() -> None:
     with pytest.raises(UserError, match=r"cannot resolve host 'no-such-host\.invalid'"):
         await UpperServer(ServerConfig(host="no-such-host.invalid", port=0)).run()
 
 
+@fails_if_it_hangs(LOOPBACK_HANG)
 async def test_shutdown_refuses_new_connections(loopback: LoopbackServer) -> None:
     loopback.server.shutdown(grace=0)
     await loopback.server.stopped_accepting()
@@ -226,25 +245,12 @@ async def test_shutdown_refuses_new_connections(loopback: LoopbackServer) -> Non
 # --- in memory, under the mock clock ---------------------------------------
 
 
-async def start_in_memory(
-    nursery: trio.Nursery, grace: float = 5.0
-) -> tuple[UpperServer, MemoryListener, trio.Event]:
-    server = UpperServer(ServerConfig(grace=grace))
-    listener = MemoryListener()
-    done = trio.Event()
-
-    async def run(task_status: trio.TaskStatus[list[Endpoint]]) -> None:
-        await server.serve([listener], [], task_status=task_status)
-        done.set()
-
-    await nursery.start(run)
-    return server, listener, done
-
-
+@fails_if_it_hangs(VIRTUAL_HANG)
 async def test_grace_lets_open_connections_finish(
     nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
 ) -> None:
-    server, listener, done = await start_in_memory(nursery, grace=5)
+    served = await serve_in_memory(nursery, grace=5)
+    server, listener, done = served.server, served.listener, served.done
     client = await listener.connect()
     await client.send_all(b"before")
     server.shutdown()
@@ -261,11 +267,13 @@ async def test_grace_lets_open_connections_finish(
     assert server.stats.connections == 1
 
 
+@fails_if_it_hangs(VIRTUAL_HANG)
 async def test_grace_period_end_cancels_what_is_left(
     nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
 ) -> None:
-    server, listener, done = await start_in_memory(nursery, grace=5)
-    idle = await listener.connect()
+    served = await serve_in_memory(nursery, grace=5)
+    server, done = served.server, served.done
+    idle = await served.listener.connect()
     await trio.testing.wait_all_tasks_blocked()
     start = trio.current_time()
     server.shutdown()
@@ -275,11 +283,13 @@ async def test_grace_period_end_cancels_what_is_left(
     assert await idle.receive_some() == b""  # the server's side was closed
 
 
+@fails_if_it_hangs(VIRTUAL_HANG)
 async def test_second_shutdown_with_zero_grace_stops_at_once(
     nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
 ) -> None:
-    server, listener, done = await start_in_memory(nursery, grace=60)
-    await listener.connect()
+    served = await serve_in_memory(nursery, grace=60)
+    server, done = served.server, served.done
+    await served.listener.connect()
     await trio.testing.wait_all_tasks_blocked()
     server.shutdown()
     await trio.sleep(1)
@@ -290,12 +300,14 @@ async def test_second_shutdown_with_zero_grace_stops_at_once(
     assert server.stats.cut_off == 1
 
 
+@fails_if_it_hangs(LOOPBACK_HANG)
 async def test_address_not_on_this_machine_is_a_user_error() -> None:
     # 192.0.2.1 is TEST-NET-1: never a local address. Binding sends nothing.
     with pytest.raises(UserError, match="Cannot assign requested address"):
         await UpperServer(ServerConfig(host="192.0.2.1", port=0)).run()
 
 
+@fails_if_it_hangs(LOOPBACK_HANG)
 async def test_a_bug_in_one_handler_does_not_stop_the_server(
     nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -311,7 +323,8 @@ async def test_a_bug_in_one_handler_does_not_stop_the_server(
         return await real_handle_stream(stream, **options)
 
     monkeypatch.setattr("trio_upper.server.handle_stream", first_one_crashes)
-    server, listener, _ = await start_in_memory(nursery)
+    served = await serve_in_memory(nursery)
+    server, listener = served.server, served.listener
     crashed = await listener.connect()
     assert await crashed.receive_some() == b""
     survivor = await listener.connect()
@@ -335,6 +348,7 @@ async def test_permission_denied_is_a_user_error(monkeypatch: pytest.MonkeyPatch
 
 
 @pytest.mark.skipif(not ipv6_loopback_works(), reason="no IPv6 loopback here")
+@fails_if_it_hangs(LOOPBACK_HANG)
 async def test_udp_datagram_of_maximum_ipv6_size_comes_back_whole(
     nursery: trio.Nursery,
 ) -> None:
@@ -344,8 +358,7 @@ async def test_udp_datagram_of_maximum_ipv6_size_comes_back_whole(
     assert len(request) == MAX_PAYLOAD_IPV6
     with trio.socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as sock:
         await sock.connect(("::1", endpoints[0].port))
-        await sock.send(request)
-        reply = await sock.recv(70_000)
+        reply = await udp_exchange(sock, request)
     assert reply == upper_bytes(request)
     assert len(reply) == MAX_PAYLOAD_IPV6
     server.shutdown(grace=0)

@@ -40,7 +40,7 @@ from trio_upper.systemd import ListenFd, listen_fds, notify, watchdog, watchdog_
 from trio_upper.transform import upper_ascii, upper_bytes
 from trio_upper.udp import MAX_PAYLOAD_IPV4
 
-from .conftest import PROCESS_TIMEOUT, cli
+from .helpers import PROCESS_TIMEOUT, cli
 
 UNITS = Path(__file__).parent.parent / "contrib" / "systemd"
 

@@ -17,7 +17,7 @@ from trio_upper.tcp_client import MAX_PENDING_REPLY, connect_tcp, tcp_interactiv
 from trio_upper.transform import upper_bytes
 
 from .client_io import collector, line_source
-from .conftest import receive_until_eof
+from .helpers import receive_until_eof
 
 # --- Helpers ------------------------------------------------------------------
 

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from trio_upper.tcp import describe_peer, handle_stream
 from trio_upper.transform import upper_bytes
 
-from .conftest import receive_until_eof
+from .helpers import FaultyStream, receive_until_eof
 
 # --- Helpers ------------------------------------------------------------------
 
@@ -38,56 +38,6 @@ async def assert_closed(stream: trio.abc.Stream) -> None:
     """A stream that was closed (by aclose) refuses further use."""
     with pytest.raises(trio.ClosedResourceError):
         await stream.send_all(b"x")
-
-
-class BreakingStream(trio.abc.HalfCloseableStream):
-    """Passes everything to ``inner``, but breaks like a reset connection once
-    ``limit`` bytes have been sent; records being closed."""
-
-    def __init__(self, inner: trio.abc.HalfCloseableStream, limit: int) -> None:
-        self.inner = inner
-        self.limit = limit
-        self.sent = 0
-        self.closed = False
-
-    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        room = self.limit - self.sent
-        if len(data) > room:
-            await self.inner.send_all(bytes(data[:room]))
-            self.sent = self.limit
-            raise trio.BrokenResourceError("peer reset") from ConnectionResetError(
-                104, "Connection reset by peer"
-            )
-        self.sent += len(data)
-        await self.inner.send_all(data)
-
-    async def wait_send_all_might_not_block(self) -> None:
-        await self.inner.wait_send_all_might_not_block()
-
-    async def send_eof(self) -> None:
-        await self.inner.send_eof()
-
-    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
-        return await self.inner.receive_some(max_bytes)
-
-    async def aclose(self) -> None:
-        self.closed = True
-        await self.inner.aclose()
-
-
-class ResetOnReceive(BreakingStream):
-    """Breaks on the next receive after the first, as a reset connection does."""
-
-    def __init__(self, inner: trio.abc.HalfCloseableStream) -> None:
-        super().__init__(inner, limit=1 << 30)
-        self.receives = 0
-
-    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
-        self.receives += 1
-        if self.receives > 1:
-            await trio.lowlevel.checkpoint()
-            raise trio.BrokenResourceError("peer reset")
-        return await self.inner.receive_some(max_bytes)
 
 
 # --- Tests --------------------------------------------------------------------
@@ -168,7 +118,7 @@ async def test_ascii_only_leaves_non_ascii_alone() -> None:
 
 async def test_peer_that_breaks_while_we_send_ends_the_handler_quietly() -> None:
     client, server = trio.testing.memory_stream_pair()
-    breaking = BreakingStream(server, limit=7)
+    breaking = FaultyStream(server, reset_on_send_after=7)
     results: list[int] = []
     async with trio.open_nursery() as nursery:
         nursery.start_soon(run_handler, breaking, results)
@@ -183,7 +133,8 @@ async def test_peer_that_breaks_while_we_send_ends_the_handler_quietly() -> None
 
 async def test_peer_that_resets_while_we_receive_ends_the_handler_quietly() -> None:
     client, server = trio.testing.memory_stream_pair()
-    breaking = ResetOnReceive(server)
+    # A reset once the first request is in.
+    breaking = FaultyStream(server, reset_on_receive_after=3)
     results: list[int] = []
     async with trio.open_nursery() as nursery:
         nursery.start_soon(run_handler, breaking, results)

@@ -10,7 +10,6 @@ real socket.
 from __future__ import annotations
 
 import errno
-import logging
 import os
 import socket
 from collections.abc import Iterator
@@ -24,14 +23,14 @@ import trio.testing
 from trio_upper.ratelimit import ReplyRateLimiter
 from trio_upper.udp import BATCH, RECEIVE_RETRY, SEND_PATIENCE, UdpCounts, UdpSocket, serve_udp
 
-from .helpers import FakeDatagramSocket
-
-# Virtual seconds: only a deadlock gets this far, and then fails at once.
-HANG = 24 * 3600.0
-
-# Real seconds on loopback: a lost datagram fails the test instead of hanging
-# the run; never what a test checks.
-LOOPBACK_HANG = 30.0
+from .helpers import (
+    LOOPBACK_HANG,
+    UDP_REPLY_WAIT,
+    VIRTUAL_HANG,
+    FakeDatagramSocket,
+    until,
+    warnings_logged,
+)
 
 # The errors the loop must ride out: the kernel short of memory or buffers,
 # and "try again" where it should not come.
@@ -39,10 +38,6 @@ TRANSIENT = [errno.ENOBUFS, errno.ENOMEM, errno.EAGAIN]
 
 # Errors one sender causes: an ICMP error for an earlier reply.
 FROM_A_PEER = [errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH]
-
-
-def warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
-    return [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
 
 
 @pytest.fixture
@@ -66,7 +61,7 @@ async def test_a_backlog_is_answered_in_order_one_wait_per_batch(
         sock.deliver(b"datagram %d" % n)
     counts = UdpCounts()
     nursery.start_soon(partial(serve_udp, sock, counts=counts))
-    with trio.fail_after(HANG):
+    with trio.fail_after(VIRTUAL_HANG):
         replies = await sock.replies(count)
     assert replies == [b"DATAGRAM %d" % n for n in range(count)]
     assert counts == UdpCounts(datagrams=count)
@@ -161,7 +156,7 @@ async def test_rate_limit_answers_the_burst_then_refuses_and_logs_once(
     assert counts == UdpCounts(datagrams=24, rate_limited=16)
     # One line for the whole run of refusals, not one per datagram: the
     # bucket has not been full since the first.
-    [warning] = warnings(caplog)
+    [warning] = warnings_logged(caplog)
     assert "127.0.0.0/24" in warning
     assert "--udp-rate-limit" in warning
 
@@ -175,7 +170,7 @@ async def test_a_reply_with_no_room_waits_then_is_dropped_and_counted(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     sock, counts = fake
-    with trio.fail_after(HANG):
+    with trio.fail_after(VIRTUAL_HANG):
         sock.room = False
         sock.deliver(b"first")
         sock.deliver(b"second")
@@ -188,7 +183,7 @@ async def test_a_reply_with_no_room_waits_then_is_dropped_and_counted(
         sock.make_room()
         assert await sock.replies(1) == [b"SECOND"]
     assert counts == UdpCounts(datagrams=2, dropped=1)
-    [warning] = warnings(caplog)
+    [warning] = warnings_logged(caplog)
     assert f"dropped: no room to send it for {SEND_PATIENCE:g} s" in warning
 
 
@@ -196,7 +191,7 @@ async def test_room_within_the_patience_sends_the_waiting_reply(
     fake: tuple[FakeDatagramSocket, UdpCounts], autojump_clock: trio.testing.MockClock
 ) -> None:
     sock, counts = fake
-    with trio.fail_after(HANG):
+    with trio.fail_after(VIRTUAL_HANG):
         sock.room = False
         sock.deliver(b"patient")
         await trio.sleep(SEND_PATIENCE / 2)
@@ -216,7 +211,7 @@ async def test_receive_errors_are_waited_out_logged_once_and_cost_no_datagram(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     sock, counts = fake
-    with trio.fail_after(HANG):
+    with trio.fail_after(VIRTUAL_HANG):
         sock.deliver(b"before")
         assert await sock.replies(1) == [b"BEFORE"]
         failed_at = trio.current_time()
@@ -227,7 +222,7 @@ async def test_receive_errors_are_waited_out_logged_once_and_cost_no_datagram(
         # Each failure waited RECEIVE_RETRY before the next try: no spinning.
         assert trio.current_time() - failed_at == pytest.approx(50 * RECEIVE_RETRY)
     assert counts == UdpCounts(datagrams=2)
-    assert warnings(caplog) == [
+    assert warnings_logged(caplog) == [
         f"udp 192.0.2.1:12000: cannot receive: {os.strerror(error)}; "
         f"retrying every {RECEIVE_RETRY:g} s",
         "udp 192.0.2.1:12000: receiving again, after 5.0 s",
@@ -242,7 +237,7 @@ async def test_an_icmp_error_on_receive_is_skipped_quietly(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     sock, counts = fake
-    with trio.fail_after(HANG):
+    with trio.fail_after(VIRTUAL_HANG):
         sock.deliver(b"one")
         sock.fail_receive(error)  # in the middle of a batch
         sock.deliver(b"two")
@@ -251,7 +246,7 @@ async def test_an_icmp_error_on_receive_is_skipped_quietly(
         sock.deliver(b"three")
         assert await sock.replies(3) == [b"ONE", b"TWO", b"THREE"]
     assert counts == UdpCounts(datagrams=3)
-    assert warnings(caplog) == []
+    assert warnings_logged(caplog) == []
 
 
 @pytest.mark.parametrize("error", [errno.ENOBUFS, errno.ENOMEM], ids=errno.errorcode.get)
@@ -262,14 +257,14 @@ async def test_send_errors_drop_that_reply_only_and_are_logged_once_per_run(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     sock, counts = fake
-    with trio.fail_after(HANG):
+    with trio.fail_after(VIRTUAL_HANG):
         for _ in range(3):
             sock.send_errors.append(OSError(error, os.strerror(error)))
         for n in range(5):
             sock.deliver(b"request %d" % n)
         assert await sock.replies(2) == [b"REQUEST 3", b"REQUEST 4"]
     assert counts == UdpCounts(datagrams=5, dropped=3)
-    assert warnings(caplog) == [
+    assert warnings_logged(caplog) == [
         f"udp 192.0.2.1:12000: cannot send replies: {os.strerror(error)}; dropping them",
         "udp 192.0.2.1:12000: sending replies again, after 0.0 s",
     ]
@@ -279,7 +274,7 @@ async def test_a_send_error_while_waiting_for_room_drops_that_reply_only(
     fake: tuple[FakeDatagramSocket, UdpCounts], autojump_clock: trio.testing.MockClock
 ) -> None:
     sock, counts = fake
-    with trio.fail_after(HANG):
+    with trio.fail_after(VIRTUAL_HANG):
         sock.room = False
         sock.deliver(b"unlucky")
         await trio.testing.wait_all_tasks_blocked()
@@ -357,6 +352,36 @@ class InjectingUdpSocket(UdpSocket):
         return await super().recvfrom()
 
 
+async def _reply_unless_dropped(
+    client: trio.socket.SocketType, answers: list[bytes], counts: UdpCounts, dropped: int
+) -> bytes:
+    """The reply to the request of the last of ``answers`` (late replies to
+    the earlier ones are skipped); or b"" once the server has dropped a reply
+    (``counts.dropped`` has grown past ``dropped``), so that the client asks
+    again at once instead of after a timeout; or after UDP_REPLY_WAIT, for a
+    datagram that the kernel lost."""
+    reply = b""
+
+    async def receive() -> None:
+        nonlocal reply
+        got = await client.recv(1000)
+        while got != answers[-1]:
+            assert got in answers[:-1], got
+            got = await client.recv(1000)
+        reply = got
+        race.cancel_scope.cancel()
+
+    async def watch() -> None:
+        await until(lambda: counts.dropped > dropped)
+        race.cancel_scope.cancel()
+
+    with trio.move_on_after(UDP_REPLY_WAIT):
+        async with trio.open_nursery() as race:
+            race.start_soon(receive)
+            race.start_soon(watch)
+    return reply
+
+
 async def test_loopback_errors_on_every_call_cost_no_reply_that_a_retry_cannot_get(
     server_socket: socket.socket, nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -375,13 +400,10 @@ async def test_loopback_errors_on_every_call_cost_no_reply_that_a_retry_cannot_g
                 # As the UDP client does: a lost reply is asked for again,
                 # and a late reply to an earlier request is not this one's.
                 while reply != expected[n]:
+                    dropped = counts.dropped
                     await client.send(request)
                     sends += 1
-                    with trio.move_on_after(0.1):
-                        reply = await client.recv(1000)
-                        while reply != expected[n]:
-                            assert reply in expected[:n], reply
-                            reply = await client.recv(1000)
+                    reply = await _reply_unless_dropped(client, expected[: n + 1], counts, dropped)
     assert sock.receive_errors == sock.send_errors == []
     # A send error costs that one reply (but EAGAIN, which waits for room).
     assert counts.dropped == len(errors) - errors.count(errno.EAGAIN)
@@ -390,6 +412,6 @@ async def test_loopback_errors_on_every_call_cost_no_reply_that_a_retry_cannot_g
     assert 40 + counts.dropped <= counts.datagrams <= sends
     # One line for each run, and a run within a few seconds of the last is
     # not logged again: the first of each kind.
-    lines = warnings(caplog)
+    lines = warnings_logged(caplog)
     assert any("cannot receive: No buffer space available" in line for line in lines), lines
     assert any("cannot send replies: No buffer space available" in line for line in lines)
