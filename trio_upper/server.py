@@ -406,10 +406,12 @@ class _DrainOnClose(trio.abc.Listener[trio.abc.Stream]):
     their handlers: a listening socket closed with connections in its queue
     resets them, and a client that had already connected would see its
     request fail. So a server that stops answers everyone who reached it in
-    time; behind a load balancer, a rolling restart fails no request. Only
-    a :class:`~trio_upper.fastsocket.FastSocketListener` at the bottom can
-    say "nothing more is waiting" (``draining``); with any other, closing
-    is immediate, as before.
+    time; behind a load balancer, a rolling restart fails no request. The
+    listener that holds the socket must be able to say "nothing more is
+    waiting": with ``draining`` set, its ``accept`` raises
+    :exc:`trio.WouldBlock` rather than wait, as
+    :class:`~trio_upper.fastsocket.FastSocketListener` does. With any other,
+    closing is immediate, as before.
     """
 
     def __init__(
@@ -435,7 +437,7 @@ class _DrainOnClose(trio.abc.Listener[trio.abc.Stream]):
 
     async def _drain(self) -> None:
         bottom = socket_owner(self)
-        if not isinstance(bottom, FastSocketListener):
+        if not hasattr(bottom, "draining"):
             return
         bottom.draining = True
         drained = 0
