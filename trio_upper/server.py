@@ -7,9 +7,16 @@ The task tree, from the top::
         └── handlers nursery: one _handle task per TCP connection
             └── accepting scope (cancelled at shutdown: stop accepting at once)
                 └── accepting nursery
-                    ├── trio.serve_listeners(_handle, CapacityListeners,
+                    ├── trio.serve_listeners(_handle, listeners,
                     │                        handler_nursery=handlers nursery)
+                    ├── metrics.serve_metrics (with --metrics)
                     └── serve_udp, one per bound UDP socket
+
+Each listener serve_listeners accepts from is a chain of trio-style
+wrappers, outermost first: _DrainOnClose (takes in the accept queue before
+closing), trio.SSLListener (--certfile), ProxyListener (--proxy-protocol),
+CapacityListener (--max-connections; EMFILE and its kin), and at the bottom
+the FastSocketListener that holds the socket.
 
 Shutdown is nothing but cancellation: :meth:`UpperServer.shutdown` cancels the
 accepting scope, which closes the listeners and UDP sockets, and gives the
@@ -45,12 +52,16 @@ from .udp import DatagramSocket, UdpCounts, UdpSocket, serve_udp
 __all__ = [
     "DEFAULT_GRACE",
     "DEFAULT_PORT",
+    "Bound",
     "Endpoint",
     "ServerConfig",
     "ServerStats",
     "UpperServer",
     "adopt",
+    "adopt_and_bind_metrics",
     "bind",
+    "listener_endpoint",
+    "listener_socket",
 ]
 
 logger = logging.getLogger("trio_upper.server")
