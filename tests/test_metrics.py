@@ -572,7 +572,10 @@ async def test_metrics_stop_with_the_server_and_leave_no_thread(
     # the shutdown either.
     monkeypatch.setattr(metrics, "REQUEST_TIMEOUT", 1e6)
     threads = set(threading.enumerate())
-    server = UpperServer(ServerConfig(host="127.0.0.1", port=0, metrics=("127.0.0.1", 0)))
+    # A grace period longer than any test: the server stops when its last
+    # uppercase connection closes.
+    config = ServerConfig(host="127.0.0.1", port=0, metrics=("127.0.0.1", 0), grace=1e6)
+    server = UpperServer(config)
     stopped = trio.Event()
 
     async def run(task_status: trio.TaskStatus[list[Endpoint]]) -> None:
@@ -584,15 +587,23 @@ async def test_metrics_stop_with_the_server_and_leave_no_thread(
     assert endpoints[-1].protocol == "metrics"
     parse((await exchange(port, GET)).partition(b"\r\n\r\n")[2].decode())
     holder = await trio.open_tcp_stream("127.0.0.1", port)
+    # An uppercase connection keeps the server in its grace period.
+    busy = await trio.open_tcp_stream("127.0.0.1", endpoints[0].port)
+    await busy.send_all(b"a")
+    assert await receive_exactly(busy, 1) == b"A"
     assert set(threading.enumerate()) <= threads
     server.shutdown()
     with trio.fail_after(HANG):
-        await stopped.wait()
+        # The metrics stop with accepting, not at the end of the grace.
+        await server.stopped_accepting()
         assert await holder.receive_some() == b""
+        with pytest.raises(OSError, match=r"refused|failed"):
+            await trio.open_tcp_stream("127.0.0.1", port)
+        assert not stopped.is_set()
+        await busy.aclose()
+        await stopped.wait()
     await holder.aclose()
     assert set(threading.enumerate()) <= threads
-    with pytest.raises(OSError, match=r"refused|failed"):
-        await trio.open_tcp_stream("127.0.0.1", port)
 
 
 async def test_serves_metrics_on_a_socket_from_systemd(nursery: trio.Nursery) -> None:
