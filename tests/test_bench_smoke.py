@@ -25,6 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SERVERS = (
     "ours",
     "ours-ascii",
+    "ours-metrics",
     "trio-tutorial",
     "asyncio-streams",
     "asyncio-protocol",
@@ -33,10 +34,12 @@ SERVERS = (
 WORKLOADS = ("tcp", "pipelined", "bulk", "connect", "udp", "idle", "tcp-utf8")
 
 # What each server does not run: the peers only uppercase ASCII, asyncio
-# streams has no UDP, and --ascii only takes part in the UTF-8 comparison.
+# streams has no UDP, --ascii only takes part in the UTF-8 comparison, and
+# --metrics only in TCP ping-pong and UDP.
 NOT_APPLICABLE = (
     {("ours-ascii", w) for w in WORKLOADS if w not in ("tcp", "tcp-utf8")}
-    | {(peer, "tcp-utf8") for peer in SERVERS[2:]}
+    | {("ours-metrics", w) for w in WORKLOADS if w not in ("tcp", "udp")}
+    | {(peer, "tcp-utf8") for peer in SERVERS[3:]}
     | {("asyncio-streams", "udp")}
 )
 
@@ -92,6 +95,8 @@ def test_every_measurement_is_clean(quick_run: tuple[Path, str]) -> None:
         assert result["errors"] == 0, result
         assert result["problems"] == [], result
         assert result["server_exit_status"] == 0, result
+        # Scraped while it ran, every scrape parsed (a failed one is a problem).
+        assert (result["scrapes"] > 0) == (result["server"] == "ours-metrics"), result
         if result["workload"] == "idle":
             assert result["idle_connections"] > 0, result
             assert result["kib_per_connection"] is not None, result
@@ -102,7 +107,13 @@ def test_every_measurement_is_clean(quick_run: tuple[Path, str]) -> None:
 def test_report_is_written(quick_run: tuple[Path, str]) -> None:
     output, stdout = quick_run
     report = (output / "RESULTS.md").read_text()
-    for heading in ("Server CPU time per request", "Ratios", "Targets", "Problems"):
+    for heading in (
+        "Server CPU time per request",
+        "Ratios",
+        "Targets",
+        "`--metrics` against none",
+        "Problems",
+    ):
         assert heading in report
     assert "None: every reply matched" in report
     assert "quick smoke run" in report
