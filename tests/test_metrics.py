@@ -24,6 +24,7 @@ import struct
 import subprocess
 import sys
 import threading
+import time
 import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -866,7 +867,7 @@ def scrape_until(url: str, done: Callable[[dict[str, float]], bool]) -> dict[str
         scraped = check_exposition(fetch(url))
         if done(scraped):
             return scraped
-        threading.Event().wait(0.05)
+        time.sleep(0.05)
     raise AssertionError(f"never reached: {scraped}")
 
 
