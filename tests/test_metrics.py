@@ -267,6 +267,20 @@ def test_each_count_is_exported_under_its_own_name() -> None:
     assert parse(render().decode())[SHORT["sent"]] == 107
 
 
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool is not installed")
+def test_promtool_finds_nothing_to_lint() -> None:
+    # Prometheus' own checker: the format, and its naming and help rules.
+    stats = ServerStats(connections=1, bytes_received=5, udp=UdpCounts(datagrams=2))
+    result = subprocess.run(
+        ["promtool", "check", "metrics"],
+        input=metrics.renderer(stats)(),
+        capture_output=True,
+        timeout=PROCESS_TIMEOUT,
+        check=False,
+    )
+    assert (result.returncode, result.stdout, result.stderr) == (0, b"", b"")
+
+
 async def test_endpoints_name_the_port_the_os_chose(metered: Start) -> None:
     m = await metered()
     assert m.metrics.port != 0
