@@ -3,8 +3,8 @@
 A smoke test of the harness, not a benchmark: it checks that every server
 and workload runs, that every reply matched byte for byte and that the report
 is written, and asserts no figure. It needs only what the test extra
-installs: without uvloop the uvloop peer is skipped, without matplotlib the
-chart. It does need a C compiler, for the load generator.
+installs: without uvloop the uvloop peer is skipped, without prometheus_client
+ours with --metrics, without matplotlib the chart. It does need a C compiler, for the load generator.
 """
 
 from __future__ import annotations
@@ -75,10 +75,13 @@ def test_every_server_and_workload_has_a_row(quick_run: tuple[Path, str]) -> Non
     results = _results(output)
     assert set(results) == {(s, w) for s in SERVERS for w in WORKLOADS}
     have_uvloop = importlib.util.find_spec("uvloop") is not None
+    have_metrics = importlib.util.find_spec("prometheus_client") is not None
     for (server, workload), result in results.items():
         if (server, workload) in NOT_APPLICABLE:
             expected = "n/a"
-        elif server == "uvloop-protocol" and not have_uvloop:
+        elif (server == "uvloop-protocol" and not have_uvloop) or (
+            server == "ours-metrics" and not have_metrics
+        ):
             expected = "skipped"
         else:
             expected = "ok"
