@@ -4,7 +4,8 @@ A smoke test of the harness, not a benchmark: it checks that every server
 and workload runs, that every reply matched byte for byte and that the report
 is written, and asserts no figure. It needs only what the test extra
 installs: without uvloop the uvloop peer is skipped, without prometheus_client
-ours with --metrics, without matplotlib the chart. It does need a C compiler, for the load generator.
+ours with --metrics, without matplotlib the chart. It does need a C compiler,
+for the load generator.
 """
 
 from __future__ import annotations
