@@ -42,6 +42,8 @@ class Result:
     rss_after_kib: int = 0
     kib_per_connection: float | None = None
     server_exit_status: int | None = None
+    scrapes: int = 0
+    """Metrics scrapes answered while the load ran (servers with --metrics)."""
     problems: list[str] = field(default_factory=list)
     """What makes this result wrong: mismatches, errors, a server that
     would not stop. Any of these fails the whole run."""

@@ -27,6 +27,9 @@ __all__ = ["TARGETS", "Target", "evaluate", "write_report"]
 
 OURS = "ours"
 OURS_ASCII = "ours-ascii"
+OURS_METRICS = "ours-metrics"
+# Ours in another configuration: compared with ours, not as a peer.
+VARIANTS = (OURS, OURS_ASCII, OURS_METRICS)
 MICRO = "\N{MICRO SIGN}"
 
 
@@ -36,7 +39,7 @@ class Target:
 
     workload: str
     other: str | None
-    kind: Literal["ratio", "idle", "utf8"]
+    kind: Literal["ratio", "idle", "utf8", "metrics"]
     bound: float
     stretch: bool = False
 
@@ -46,6 +49,11 @@ class Target:
             return f"Idle connections: ours <= {self.bound:g} KiB each"
         if self.kind == "utf8":
             return f"UTF-8 mode on ASCII text within 5% of --ascii (utf8/ascii <= {self.bound:g})"
+        if self.kind == "metrics":
+            return (
+                f"{titles[self.workload]}: --metrics, scraped, within 5% of none "
+                f"(metrics/none <= {self.bound:g})"
+            )
         peer = titles.get(self.other or "", self.other)
         label = "stretch: " if self.stretch else ""
         return f"{label}{titles[self.workload]}: {peer} / ours >= {self.bound:g}"
@@ -62,6 +70,8 @@ TARGETS = (
     Target("udp", "asyncio-protocol", "ratio", 1.0),
     Target("idle", None, "idle", 3.0),
     Target("tcp", OURS_ASCII, "utf8", 1.05),
+    Target("tcp", OURS_METRICS, "metrics", 1.05),
+    Target("udp", OURS_METRICS, "metrics", 1.05),
     Target("tcp", "uvloop-protocol", "ratio", 0.8, stretch=True),
     Target("pipelined", "uvloop-protocol", "ratio", 0.8, stretch=True),
     Target("udp", "uvloop-protocol", "ratio", 0.8, stretch=True),
@@ -96,9 +106,11 @@ def evaluate(target: Target, results: Sequence[Result]) -> tuple[float | None, b
         ours = found.get((OURS, "idle"))
         value = ours.kib_per_connection if ours and ours.measured else None
         return value, None if value is None else value <= target.bound
-    if target.kind == "utf8":
-        utf8, ascii_ = _cpu(found, OURS, target.workload), _cpu(found, OURS_ASCII, target.workload)
-        value = utf8 / ascii_ if utf8 is not None and ascii_ else None
+    if target.kind in ("utf8", "metrics"):
+        # Ours in two configurations, the second over the first: a cost.
+        first, second = (OURS, OURS_ASCII) if target.kind == "utf8" else (OURS_METRICS, OURS)
+        one, other = _cpu(found, first, target.workload), _cpu(found, second, target.workload)
+        value = one / other if one is not None and other else None
         return value, None if value is None else value <= target.bound
     value = ratio(results, target.other or "", target.workload)
     return value, None if value is None else value >= target.bound
@@ -201,7 +213,7 @@ def _markdown(
         rows.append(row)
     out += _table(["workload", *(titles[s] for s in servers)], rows)
 
-    peers = [s for s in servers if s not in (OURS, OURS_ASCII)]
+    peers = [s for s in servers if s not in VARIANTS]
     if peers and OURS in servers:
         out += ["", "## Ratios: peer / ours CPU per request", ""]
         out += ["Above 1: ours uses less CPU per request than that peer.", ""]
@@ -316,6 +328,39 @@ def _markdown(
             "it), so that ratio has no target.",
         ]
 
+    if any(s == OURS_METRICS for s in servers):
+        out += ["", "## `--metrics` against none (ours, same run)", ""]
+        rows = []
+        for workload in load:
+            result = found.get((OURS_METRICS, workload.name))
+            if result is None or result.status == "n/a":
+                continue
+            plain, metered = (
+                _cpu(found, OURS, workload.name),
+                _cpu(found, OURS_METRICS, workload.name),
+            )
+            value = metered / plain if metered is not None and plain else None
+            rows.append(
+                [workload.title, _num(plain), _num(metered), _num(value), f"{result.scrapes:,}"]
+            )
+        out += _table(
+            [
+                "workload",
+                f"none {MICRO}s/request",
+                f"--metrics {MICRO}s/request",
+                "metrics / none",
+                "scrapes",
+            ],
+            rows,
+        )
+        out += [
+            "",
+            "With `--metrics` the harness scrapes `/metrics` once a second while the load runs "
+            "(Prometheus' default is every 15 s); the scrapes are in the server's CPU time. "
+            "Both servers count connections, bytes and datagrams as they go, for the closing "
+            "summary, so this is the cost of serving the metrics, not of counting.",
+        ]
+
     out += ["", "## Problems", ""]
     problems = [
         f"- **{titles[r.server]} / {r.workload}**: {problem}"
@@ -370,7 +415,7 @@ def _chart(
                 "tab:orange"
                 if server == OURS
                 else "navajowhite"
-                if server == OURS_ASCII
+                if server in VARIANTS
                 else "tab:blue"
             )
         ax.barh(names, values, color=colours)
@@ -419,6 +464,8 @@ def _short(target: Target) -> str:
         return "idle KiB"
     if target.kind == "utf8":
         return "utf8/ascii"
+    if target.kind == "metrics":
+        return f"{target.workload} metrics/none"
     prefix = "(s) " if target.stretch else ""
     return f"{prefix}{target.workload} vs {target.other}"
 

@@ -11,6 +11,7 @@ request failed, or any server misbehaved; the figures are written anyway.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import importlib.metadata
 import os
@@ -35,6 +36,7 @@ from .procinfo import (
     sample_cpu,
 )
 from .report import write_report
+from .scrape import Scraper
 from .servers import ROOT, RunningServer, Server, ServerError, free_port, ours_extra_flags, servers
 from .workloads import (
     IDLE_CONNECTIONS,
@@ -258,6 +260,7 @@ def measure(server: Server, workload: Workload, setup: Setup) -> Result:
     samples: list[CpuSample] = []
     rss: list[int] = []
     running: RunningServer | None = None
+    scraper: Scraper | None = None
     summary: dict[str, Any] | None = None
     with server_log.open("wb") as slog, loadgen_log.open("wb") as llog:
         try:
@@ -273,9 +276,12 @@ def measure(server: Server, workload: Workload, setup: Setup) -> Result:
                 else:
                     samples.append(sample_cpu(pid))
 
-            summary = loadgen.run(
-                setup.binary, spec, cpu=setup.loadgen_cpu, log=llog, on_start=mark, on_end=mark
-            )
+            with contextlib.ExitStack() as scraping:
+                if running.metrics_url is not None:
+                    scraper = scraping.enter_context(Scraper(running.metrics_url))
+                summary = loadgen.run(
+                    setup.binary, spec, cpu=setup.loadgen_cpu, log=llog, on_start=mark, on_end=mark
+                )
         except (ServerError, loadgen.LoadgenError, OSError) as exc:
             result.status = "failed"
             result.problems.append(str(exc))
@@ -286,6 +292,11 @@ def measure(server: Server, workload: Workload, setup: Setup) -> Result:
                 finally:
                     running.kill()
                 result.server_exit_status = running.exit_status
+    if scraper is not None:
+        result.scrapes = scraper.scrapes
+        result.problems += scraper.problems
+        if not scraper.scrapes:
+            result.problems.append("the metrics were never scraped")
 
     if summary is not None:
         result.loadgen = summary

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -71,6 +72,9 @@ class Server:
     """The workloads it takes part in."""
     needs: str | None = None
     """A module that must be importable, or the server is skipped."""
+    scrape: bool = False
+    """Serves Prometheus metrics (``--metrics``), which the harness scrapes
+    while the load runs (see scrape.py)."""
 
     def takes(self, workload: str) -> bool:
         """Whether this server runs ``workload`` at all."""
@@ -122,6 +126,16 @@ def servers(ours_flags: Sequence[str]) -> list[Server]:
             partial(upper_bytes, ascii_only=True),
             # Only what the UTF-8 against --ascii comparison needs.
             frozenset({"tcp", "tcp-utf8"}),
+        ),
+        Server(
+            "ours-metrics",
+            "trio-upper --metrics",
+            (*ours, *ours_flags, "--metrics", "127.0.0.1:0"),
+            upper_bytes,
+            # What a scrape could cost: the workloads with the most requests.
+            frozenset({"tcp", "udp"}),
+            needs="prometheus_client",
+            scrape=True,
         ),
         Server(
             "trio-tutorial",
@@ -214,6 +228,7 @@ class RunningServer:
         assert self.process.stdout is not None
         self._stdout = LineReader(self.process.stdout)
         self.ready_line = ""
+        self.metrics_url: str | None = None
         self.exit_status: int | None = None
         self._exit_reported = False
 
@@ -235,6 +250,11 @@ class RunningServer:
         if f":{self.port}" not in line:
             raise ServerError(f"{self.server.name}: unexpected first line {line!r}")
         self.ready_line = line
+        if self.server.scrape:
+            found = re.search(r"metrics at (http://\S+/metrics)", line)
+            if found is None:
+                raise ServerError(f"{self.server.name}: no metrics address in {line!r}")
+            self.metrics_url = found.group(1)
 
     def stop(self) -> list[str]:
         """Stop with SIGINT, as a user would; return what went wrong, if anything."""

@@ -3,8 +3,9 @@
 A smoke test of the harness, not a benchmark: it checks that every server
 and workload runs, that every reply matched byte for byte and that the report
 is written, and asserts no figure. It needs only what the test extra
-installs: without uvloop the uvloop peer is skipped, without matplotlib the
-chart. It does need a C compiler, for the load generator.
+installs: without uvloop the uvloop peer is skipped, without prometheus_client
+ours with --metrics, without matplotlib the chart. It does need a C compiler,
+for the load generator.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SERVERS = (
     "ours",
     "ours-ascii",
+    "ours-metrics",
     "trio-tutorial",
     "asyncio-streams",
     "asyncio-protocol",
@@ -33,10 +35,12 @@ SERVERS = (
 WORKLOADS = ("tcp", "pipelined", "bulk", "connect", "udp", "idle", "tcp-utf8")
 
 # What each server does not run: the peers only uppercase ASCII, asyncio
-# streams has no UDP, and --ascii only takes part in the UTF-8 comparison.
+# streams has no UDP, --ascii only takes part in the UTF-8 comparison, and
+# --metrics only in TCP ping-pong and UDP.
 NOT_APPLICABLE = (
     {("ours-ascii", w) for w in WORKLOADS if w not in ("tcp", "tcp-utf8")}
-    | {(peer, "tcp-utf8") for peer in SERVERS[2:]}
+    | {("ours-metrics", w) for w in WORKLOADS if w not in ("tcp", "udp")}
+    | {(peer, "tcp-utf8") for peer in SERVERS[3:]}
     | {("asyncio-streams", "udp")}
 )
 
@@ -73,10 +77,13 @@ def test_every_server_and_workload_has_a_row(quick_run: tuple[Path, str]) -> Non
     results = _results(output)
     assert set(results) == {(s, w) for s in SERVERS for w in WORKLOADS}
     have_uvloop = importlib.util.find_spec("uvloop") is not None
+    have_metrics = importlib.util.find_spec("prometheus_client") is not None
     for (server, workload), result in results.items():
         if (server, workload) in NOT_APPLICABLE:
             expected = "n/a"
-        elif server == "uvloop-protocol" and not have_uvloop:
+        elif (server == "uvloop-protocol" and not have_uvloop) or (
+            server == "ours-metrics" and not have_metrics
+        ):
             expected = "skipped"
         else:
             expected = "ok"
@@ -93,6 +100,8 @@ def test_every_measurement_is_clean(quick_run: tuple[Path, str]) -> None:
         assert result["errors"] == 0, result
         assert result["problems"] == [], result
         assert result["server_exit_status"] == 0, result
+        # Scraped while it ran, every scrape parsed (a failed one is a problem).
+        assert (result["scrapes"] > 0) == (result["server"] == "ours-metrics"), result
         if result["workload"] == "idle":
             assert result["idle_connections"] > 0, result
             assert result["kib_per_connection"] is not None, result
@@ -103,7 +112,13 @@ def test_every_measurement_is_clean(quick_run: tuple[Path, str]) -> None:
 def test_report_is_written(quick_run: tuple[Path, str]) -> None:
     output, stdout = quick_run
     report = (output / "RESULTS.md").read_text()
-    for heading in ("Server CPU time per request", "Ratios", "Targets", "Problems"):
+    for heading in (
+        "Server CPU time per request",
+        "Ratios",
+        "Targets",
+        "`--metrics` against none",
+        "Problems",
+    ):
         assert heading in report
     assert "None: every reply matched" in report
     assert "quick smoke run" in report

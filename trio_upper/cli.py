@@ -16,6 +16,7 @@ import os
 import signal
 import socket
 import sys
+import textwrap
 from collections.abc import Awaitable, Callable, Sequence
 
 import trio
@@ -135,6 +136,24 @@ def _rate(text: str) -> float:
     return value
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """argparse's, but never wrapping a line at a hyphen: help names options
+    and commands (``--udp-only``, ``pip install 'trio-upper[metrics]'``)
+    that must stay whole to be copied."""
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        return textwrap.fill(
+            " ".join(text.split()),
+            width,
+            initial_indent=indent,
+            subsequent_indent=indent,
+            break_on_hyphens=False,
+        )
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser for every command."""
     common = argparse.ArgumentParser(add_help=False)
@@ -146,6 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(
         prog="trio-upper",
+        formatter_class=_HelpFormatter,
         description="The lecture's uppercase service over TCP and UDP, built on trio.",
         epilog="Run 'trio-upper COMMAND --help' for a command's options.",
     )
@@ -154,6 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser(
         "serve",
+        formatter_class=_HelpFormatter,
         parents=[common],
         help="run the server (TCP and UDP on one port)",
         description="Serve uppercase on TCP and UDP. Ctrl-C or SIGTERM stops it: "
@@ -275,6 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     tcp = commands.add_parser(
         "tcp",
+        formatter_class=_HelpFormatter,
         parents=[common],
         help="TCP client: prompt for lines, or copy stdin like nc",
         description="Send lines to the server over TCP and print the replies. "
@@ -315,6 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     udp = commands.add_parser(
         "udp",
+        formatter_class=_HelpFormatter,
         parents=[common],
         help="UDP client: one datagram per line, with retries",
         description="Send each line (without its line ending) as one datagram "

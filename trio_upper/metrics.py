@@ -13,7 +13,8 @@ Whoever can reach the metrics port can send it anything, so every request is
 bounded: in time (:data:`REQUEST_TIMEOUT`), in size (:data:`MAX_REQUEST_HEAD`),
 and in number (the server caps metrics connections; see server.py). A
 request that is not a well-formed ``GET /metrics`` gets 400, 404 or 405, and
-every connection is closed after one response.
+every connection is closed after one response (and a bounded wait for the
+client to close first: see :data:`LINGER_TIMEOUT`).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ if TYPE_CHECKING:
     from .server import ServerStats
 
 __all__ = [
+    "LINGER_TIMEOUT",
     "MAX_CONNECTIONS",
     "MAX_REQUEST_HEAD",
     "PATH",
@@ -62,6 +64,14 @@ MAX_CONNECTIONS = 8
 
 # Bytes read at a time: a request head is small.
 _RECEIVE_SIZE = 4096
+
+# After answering, how long and how much of what the client still sends we
+# read and throw away before closing. Closing a socket with unread bytes
+# makes the kernel send a reset, which can destroy our answer before the
+# client reads it: an oversized request would get a reset, not its 400.
+# Past either bound the client is not waiting for an answer.
+LINGER_TIMEOUT = 2.0
+_LINGER_BYTES = 256 * 1024
 
 _EXTRA_HINT = "pip install 'trio-upper[metrics]'"
 
@@ -111,7 +121,8 @@ class _StatsCollector:
         errors.add_metric(["idle_timeout"], s.idle_closed)
         errors.add_metric(["lost"], s.lost)
         errors.add_metric(["tls_handshake"], s.tls_failed)
-        errors.add_metric(["cut_off"], s.cut_off)
+        # Not the connections cut off at the end of the grace period: they
+        # are counted as the server stops, when this port is closed already.
         errors.add_metric(["internal"], s.internal_errors)
         yield errors
         yield counter(
@@ -161,8 +172,11 @@ async def handle_http(stream: trio.abc.Stream, render: Callable[[], bytes]) -> N
 
     ``GET`` or ``HEAD`` of :data:`PATH` gets the metrics; any other path 404,
     any other method 405, a malformed or oversized request 400; a client
-    that has not sent its request within :data:`REQUEST_TIMEOUT` seconds is
-    closed without an answer.
+    that closes before sending a request, or has not sent it within
+    :data:`REQUEST_TIMEOUT` seconds, is closed without an answer. After the
+    answer, what the client still sends is read and thrown away until it
+    closes, for at most :data:`LINGER_TIMEOUT` seconds, so that the answer
+    is not lost to a reset.
 
     Resource handling:
       ``stream`` is always closed.
@@ -181,12 +195,19 @@ async def handle_http(stream: trio.abc.Stream, render: Callable[[], bytes]) -> N
             if timer.cancelled_caught:
                 logger.debug("metrics: no request within %g s", REQUEST_TIMEOUT)
                 return
+            if request is None:
+                # Closed before sending anything (a port scan, a TCP health
+                # check): h11 can send nothing now, and nobody would read it.
+                logger.debug("metrics: closed without a request")
+                return
             status, body, content_type = _answer(request, render)
             headers = [
                 ("Content-Type", content_type),
                 ("Content-Length", str(len(body))),
                 ("Connection", "close"),
             ]
+            if status == HTTPStatus.METHOD_NOT_ALLOWED:
+                headers.append(("Allow", "GET, HEAD"))  # RFC 9110 requires it with 405
             response = h11.Response(
                 status_code=status, headers=headers, reason=HTTPStatus(status).phrase
             )
@@ -194,8 +215,10 @@ async def handle_http(stream: trio.abc.Stream, render: Callable[[], bytes]) -> N
             if not (isinstance(request, h11.Request) and request.method == b"HEAD"):
                 data += connection.send(h11.Data(data=body))
             data += connection.send(h11.EndOfMessage())
-            with trio.move_on_after(REQUEST_TIMEOUT):
+            with trio.move_on_after(REQUEST_TIMEOUT) as timer:
                 await stream.send_all(data)
+            if not timer.cancelled_caught:
+                await _linger(stream)
     except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
         logger.debug("metrics: connection lost: %s", exc.__cause__ or exc)
     except Exception as exc:
@@ -225,6 +248,25 @@ async def _read_request(stream: trio.abc.Stream, connection: Any) -> Any:
         if isinstance(event, h11.Request):
             return event
         return None  # ConnectionClosed: nothing to answer
+
+
+async def _linger(stream: trio.abc.Stream) -> None:
+    """Say that we are done sending, then read and discard what the client
+    still sends until it closes, within :data:`LINGER_TIMEOUT` and
+    ``_LINGER_BYTES`` (Apache's "lingering close")."""
+    # The half-closeable stream beneath any wrappers (a SlotStream holding a
+    # connection slot is not one, but the socket stream it wraps is).
+    beneath: object = stream
+    while beneath is not None and not isinstance(beneath, trio.abc.HalfCloseableStream):
+        beneath = getattr(beneath, "transport_stream", None)
+    with trio.move_on_after(LINGER_TIMEOUT):
+        if beneath is not None:
+            # A client that reads until the end of stream, rather than
+            # Content-Length bytes, stops waiting now.
+            await beneath.send_eof()
+        discarded = 0
+        while discarded < _LINGER_BYTES and (data := await stream.receive_some(_RECEIVE_SIZE)):
+            discarded += len(data)
 
 
 def _answer(request: Any, render: Callable[[], bytes]) -> tuple[int, bytes, str]:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import math
-import ssl
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -185,6 +184,16 @@ async def handle_stream(
     with trio.CancelScope(deadline=trio.current_time() + renew) as idle:
         try:
             async with stream:
+                if isinstance(stream, trio.SSLStream):
+                    # Now rather than inside the first receive, so that a
+                    # failed handshake is told from a connection lost after
+                    # a good one (a client that closes before sending, say).
+                    try:
+                        await stream.do_handshake()
+                    except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                        counts.tls_failed += 1
+                        logger.debug("%s: TLS handshake failed: %s", peer, exc.__cause__ or exc)
+                        return received
                 data = await stream.receive_some(RECEIVE_SIZE)
                 if debug:
                     # Only now: the first read took any PROXY protocol
@@ -206,15 +215,9 @@ async def handle_stream(
                     await stream.send_all(tail)
                     counts.bytes_sent += len(tail)
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            counts.lost += 1
             cause = exc.__cause__ or exc
-            if isinstance(cause, ssl.SSLError) and not received:
-                # Before any data: the TLS handshake (no certificate we
-                # trust, a plain-text client on the TLS port, ...).
-                counts.tls_failed += 1
-                logger.debug("%s: TLS handshake failed: %s", peer, cause)
-            else:
-                counts.lost += 1
-                logger.debug("%s: connection lost after %d bytes: %s", peer, received, cause)
+            logger.debug("%s: connection lost after %d bytes: %s", peer, received, cause)
             return received
     if idle.cancelled_caught:
         counts.idle_closed += 1
