@@ -289,6 +289,7 @@ class _Expected:
         self._owed: collections.deque[bytes] = collections.deque()
         self.owed_bytes = 0
         self.matching = True
+        self.tail = b""
 
     def sent(self, data: bytes) -> None:
         if piece := self._upper.feed(data):
@@ -314,11 +315,12 @@ class _Expected:
             self.owed_bytes -= size
             data = data[size:]
 
-    def held_to_the_end(self) -> bytes:
-        """The bytes a server in this mode sends only at the end of the
-        stream: an incomplete UTF-8 sequence at the end of the input, which
-        comes back unchanged (see :meth:`Uppercaser.flush`)."""
-        return self._upper.flush()
+    def end(self) -> None:
+        """The input has ended: set :attr:`tail`, what a server in this mode
+        sends only at the end of the stream. That is an incomplete UTF-8
+        sequence at the very end of the input, which comes back unchanged
+        (see :meth:`Uppercaser.flush`), and nothing in ``--ascii`` mode."""
+        self.tail = self._upper.flush()
 
 
 class _ReplyCheck:
@@ -339,7 +341,6 @@ class _ReplyCheck:
     def __init__(self) -> None:
         self._modes = [_Expected(ascii_only=False), _Expected(ascii_only=True)]
         self.input_ended = False
-        self.held = b""
 
     def sent(self, data: bytes) -> None:
         for mode in self._modes:
@@ -347,19 +348,38 @@ class _ReplyCheck:
 
     def end_of_input(self) -> None:
         self.input_ended = True
-        # Only the UTF-8 mode holds anything back.
-        self.held = self._modes[0].held_to_the_end()
+        for mode in self._modes:
+            mode.end()
 
     def received(self, data: bytes) -> None:
+        """Check ``data``, the next bytes of the reply.
+
+        Raises:
+          UserError: the reply so far is the start of neither mode's reply.
+        """
         for mode in self._modes:
             mode.received(data)
         self._modes = [mode for mode in self._modes if mode.matching]
         if not self._modes:
             raise UserError("the server's reply is not the uppercase of what was sent")
 
+    def _complete(self) -> _Expected | None:
+        if not self.input_ended:
+            return None
+        return next((mode for mode in self._modes if not mode.owed_bytes), None)
+
     @property
     def done(self) -> bool:
-        return self.input_ended and any(not mode.owed_bytes for mode in self._modes)
+        """Whether the input has ended and one mode's reply has come in full."""
+        return self._complete() is not None
+
+    @property
+    def held(self) -> bytes:
+        """Once :attr:`done`, what the client writes itself: the tail of the
+        mode whose reply came in full (a server in ``--ascii`` mode has sent
+        its copy of the same bytes already)."""
+        complete = self._complete()
+        return complete.tail if complete is not None else b""
 
 
 class _StreamCopy:
