@@ -18,6 +18,7 @@ from typing import Any, Protocol
 import trio
 
 from .errors import host_port
+from .tls import describe_tls_error
 from .transform import Uppercaser
 
 __all__ = ["TcpCounts", "describe_peer", "handle_stream", "socket_of"]
@@ -167,7 +168,7 @@ async def handle_stream(
                 # Before any data: the TLS handshake (no certificate we
                 # trust, a plain-text client on the TLS port, ...).
                 counts.tls_failed += 1
-                logger.debug("%s: TLS handshake failed: %s", peer, cause)
+                logger.debug("%s: TLS handshake failed: %s", peer, describe_tls_error(cause))
             else:
                 counts.lost += 1
                 logger.debug("%s: connection lost after %d bytes: %s", peer, received, cause)

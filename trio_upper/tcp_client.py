@@ -152,6 +152,22 @@ async def _receive(stream: trio.abc.ReceiveStream, max_bytes: int | None = None)
         return b""
 
 
+def _silence_hint(stream: trio.abc.Stream) -> str:
+    """For a server that closed without sending a byte back, a guess at why,
+    to append to the message."""
+    if isinstance(stream, trio.SSLStream):
+        # trio closes without the alert that would say why (the handshake
+        # had completed on our side: TLS 1.3 checks a client's certificate
+        # after that).
+        return (
+            " (a server that requires a client certificate does this when it gets "
+            "none it trusts: see --certfile)"
+        )
+    # A TLS server says nothing to a client that does not speak TLS: it
+    # just closes.
+    return " (if it serves TLS, use --tls)"
+
+
 def _unresponsive(timeout: float) -> UserError:
     # One message for every wait on the server: to take data, to reply, to
     # close. The user's remedy is the same (a slow server: a larger timeout).
@@ -185,6 +201,7 @@ class _ReplyLines:
         # Received and not yet written: the start of the next reply line, and
         # whatever a server sent ahead of it. Never longer than the bound.
         self.pending = bytearray()
+        self.received_any = False
 
     async def _write_out(self, size: int) -> None:
         """Write the first ``size`` pending bytes, and forget them."""
@@ -222,6 +239,7 @@ class _ReplyLines:
             if not data:
                 await self._write_out(len(self.pending))
                 return False
+            self.received_any = True
             self.pending += data
         await self._write_out(newline + 1)
         return True
@@ -272,9 +290,10 @@ async def tcp_interactive(
             sent = await _send(stream, line + b"\n", timeout)
             complete = await replies.relay()
             if not (sent and complete):
+                hint = "" if replies.received_any else _silence_hint(stream)
                 raise UserError(
                     "the server closed the connection; "
-                    f"{plural(answered, 'line')} answered, the last line was not"
+                    f"{plural(answered, 'line')} answered, the last line was not{hint}"
                 )
             answered += 1
     return answered
@@ -480,16 +499,15 @@ class _StreamCopy:
 
     def check_complete(self) -> None:
         """Raise if the server closed with input unsent or unanswered."""
+        # Not a byte back at all: say what might be wrong.
+        hint = "" if self.answered.lines else _silence_hint(self.stream)
         if self.server_stopped_reading or not self.input_ended:
             raise UserError(
                 "the server closed the connection before all input was sent; "
-                f"{plural(self.answered.newlines, 'line')} answered"
+                f"{plural(self.answered.newlines, 'line')} answered{hint}"
             )
         answered = self.check.done if self.check is not None else self.answered.answers(self.sent)
         if not answered:
-            # Not a byte back at all: a TLS server says nothing to a client
-            # that does not speak TLS, it just closes.
-            hint = "" if self.answered.lines else " (if it serves TLS, use --tls)"
             raise UserError(
                 "the server closed the connection early; "
                 f"{self.answered.newlines} of {plural(self.sent.lines, 'line')} answered{hint}"
