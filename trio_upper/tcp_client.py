@@ -96,7 +96,10 @@ async def connect_tcp(
             stream: trio.abc.Stream = await trio.open_tcp_stream(host, port)
             if tls is not None:
                 stream = trio.SSLStream(
-                    stream, tls, server_hostname=server_name or host, https_compatible=False
+                    _EchoGuard(stream),
+                    tls,
+                    server_hostname=server_name or host,
+                    https_compatible=False,
                 )
                 try:
                     await stream.do_handshake()
@@ -106,6 +109,11 @@ async def connect_tcp(
             return stream
     except trio.TooSlowError:
         raise UserError(f"timed out after {timeout:g} s connecting to {where}") from None
+    except _EchoedHello:
+        raise UserError(
+            f"TLS with {where} failed: the other side does not speak TLS "
+            "(it sent our TLS hello back)"
+        ) from None
     except (socket.gaierror, UnicodeError) as exc:
         raise UserError.unresolvable(host, exc) from None
     except trio.BrokenResourceError as exc:
@@ -114,6 +122,50 @@ async def connect_tcp(
         raise UserError(f"TLS with {where} failed: {reason}") from None
     except OSError as exc:
         raise UserError(f"cannot connect to {where}: {os_reason(exc)}") from None
+
+
+class _EchoedHello(Exception):
+    """The server sent our ClientHello back."""
+
+
+class _EchoGuard(trio.abc.Stream):
+    """The TCP stream beneath a TLS client, watching the server's first bytes.
+
+    A server that does not speak TLS but answers every byte (trio-upper
+    without ``--certfile``, or any echo server) sends our ClientHello back,
+    uppercased. OpenSSL reads the whole record before it looks inside, and
+    the uppercase may have made the record shorter than its header says, or
+    the server may hold its last bytes back as half a UTF-8 character: the
+    handshake would then wait for bytes that never come, and the user would
+    get a timeout instead of the reason. A server's first handshake message
+    is a ServerHello (type 2), never a ClientHello (type 1), so the first six
+    bytes (the record header, then the message type) tell at once.
+    """
+
+    def __init__(self, transport_stream: trio.abc.Stream) -> None:
+        # Named as trio names what a wrapper wraps (see tcp.socket_of).
+        self.transport_stream = transport_stream
+        self._head = b""
+        self._checked = False
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        data = await self.transport_stream.receive_some(max_bytes)
+        if not self._checked:
+            self._head += data[: 6 - len(self._head)]
+            if len(self._head) == 6 or not data:
+                self._checked = True
+                if self._head[:1] == b"\x16" and self._head[5:6] == b"\x01":
+                    raise _EchoedHello
+        return data
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self.transport_stream.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.transport_stream.wait_send_all_might_not_block()
+
+    async def aclose(self) -> None:
+        await self.transport_stream.aclose()
 
 
 class _LineCount:
