@@ -187,6 +187,19 @@ async def test_host_is_the_name_checked_unless_server_name_says_otherwise(
     await stream.aclose()
 
 
+async def test_prompt_mode_over_tls(certs: Certs, start: Start) -> None:
+    _, port = await start(tls_config(certs))
+    stream = await connect_tcp("localhost", port, timeout=HANG_GUARD, tls=trusting(certs))
+    out: list[bytes] = []
+    lines = [b"hello stra\xc3\x9fe", b"", b"second"]
+    with trio.fail_after(HANG_GUARD):
+        answered = await tcp_interactive(
+            stream, line_source(lines), collector(out), timeout=HANG_GUARD
+        )
+    assert answered == 3
+    assert b"".join(out) == b"HELLO STRASSE\n\nSECOND\n"
+
+
 # --- Mutual TLS ------------------------------------------------------------------
 
 
@@ -225,6 +238,19 @@ async def test_mutual_tls_refuses_a_client_without_a_trusted_certificate(
     [failure] = tls_failures(caplog)
     expected = "sent no certificate" if client_cert == "none" else "certificate verify failed"
     assert expected in failure
+
+
+async def test_mutual_tls_refusal_in_prompt_mode_gives_the_hint(
+    certs: Certs, start: Start
+) -> None:
+    _, port = await start(tls_config(certs, ca_certs=certs.ca))
+    stream = await connect_tcp("localhost", port, timeout=HANG_GUARD, tls=trusting(certs))
+    with trio.fail_after(HANG_GUARD), pytest.raises(UserError) as raised:
+        await tcp_interactive(stream, line_source([b"hi"]), collector([]), timeout=HANG_GUARD)
+    assert str(raised.value).endswith(
+        "the last line was not (a server that requires a client certificate does this when "
+        "it gets none it trusts: see --certfile)"
+    )
 
 
 # --- The client's errors: one line each, and a debug line on the server ----------
