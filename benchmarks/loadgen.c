@@ -16,6 +16,12 @@
  *   idle     open --count connections with one request/reply each, then hold
  *            them until stdin closes.
  *
+ * TLS (tcp mode only, --tls --cafile FILE): each connection's handshake is
+ * done before the warm-up, so the figures are of requests over TLS, not of
+ * handshakes. Only in a binary built with -DLOADGEN_TLS and OpenSSL (libssl),
+ * which the harness builds as loadgen-tls where OpenSSL's headers are found;
+ * the plain binary needs nothing but libc.
+ *
  * Every reply byte is compared with the expected reply (a file the harness
  * writes, computed by the very transform the server is meant to apply).
  *
@@ -51,6 +57,12 @@
 #include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
+
+#ifdef LOADGEN_TLS
+#include <openssl/err.h>
+#include <openssl/ssl.h>
+#include <poll.h>
+#endif
 
 #define MAX_EVENTS 512
 #define SCRATCH_SIZE (256 * 1024)
@@ -96,6 +108,9 @@ struct conn {
     uint64_t deadline;
     uint32_t late_ring[LATE_RING];
     unsigned late_next;
+#ifdef LOADGEN_TLS
+    SSL *ssl; /* NULL without --tls */
+#endif
 };
 
 struct stats {
@@ -120,6 +135,8 @@ static struct {
     double warmup;
     double duration;
     double udp_timeout_ms;
+    bool tls;
+    const char *cafile;
 } opt = {
     .host = "127.0.0.1",
     .port = 0,
@@ -283,6 +300,8 @@ static const char *error_name(int code, char *buf, size_t size)
         return "EAGAIN";
     case EHOSTUNREACH:
         return "EHOSTUNREACH";
+    case EPROTO:
+        return "tls_error";
     case ENETUNREACH:
         return "ENETUNREACH";
     default:
@@ -371,6 +390,15 @@ static void set_interest(struct conn *c, uint32_t index, uint32_t events)
 
 static void close_conn(struct conn *c)
 {
+#ifdef LOADGEN_TLS
+    if (c->ssl) {
+        /* close_notify, so that a server sees a clean end and says nothing
+         * about it; sent without waiting for the server's. */
+        SSL_shutdown(c->ssl);
+        SSL_free(c->ssl);
+        c->ssl = NULL;
+    }
+#endif
     if (c->fd >= 0)
         close(c->fd); /* also leaves the epoll set */
     c->fd = -1;
@@ -387,6 +415,117 @@ static void set_nodelay(int fd)
 
 static int index_of(const struct conn *c) { return (int)(c - conns); }
 
+/* --- TLS ------------------------------------------------------------------------ */
+
+#ifdef LOADGEN_TLS
+static SSL_CTX *tls_ctx;
+
+/* An SSL_read or SSL_write that did not move data, as send() and recv()
+ * would say it: 0 for the end of the stream, -1 with errno (EAGAIN for "try
+ * again when the socket is ready", EPROTO for a TLS protocol error). */
+static ssize_t tls_result(SSL *ssl, int ret)
+{
+    switch (SSL_get_error(ssl, ret)) {
+    case SSL_ERROR_WANT_READ:
+    case SSL_ERROR_WANT_WRITE:
+        errno = EAGAIN;
+        return -1;
+    case SSL_ERROR_ZERO_RETURN:
+        return 0;
+    case SSL_ERROR_SYSCALL:
+        return errno == 0 ? 0 : -1;
+    default:
+        if (diagnostics < MAX_DIAGNOSTICS) {
+            char buf[256];
+            ERR_error_string_n(ERR_get_error(), buf, sizeof buf);
+            fprintf(stderr, "loadgen: TLS: %s\n", buf);
+        }
+        errno = EPROTO;
+        return -1;
+    }
+}
+
+static void tls_setup(void)
+{
+    tls_ctx = SSL_CTX_new(TLS_client_method());
+    if (!tls_ctx)
+        die("SSL_CTX_new failed");
+    SSL_CTX_set_verify(tls_ctx, SSL_VERIFY_PEER, NULL);
+    if (SSL_CTX_load_verify_locations(tls_ctx, opt.cafile, NULL) != 1)
+        die("cannot load --cafile %s", opt.cafile);
+    /* send()'s semantics: a write may take part of the buffer. */
+    SSL_CTX_set_mode(tls_ctx, SSL_MODE_ENABLE_PARTIAL_WRITE | SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER);
+#ifdef SSL_OP_IGNORE_UNEXPECTED_EOF
+    /* A server that closes without close_notify reads as an end of stream,
+     * counted as such, as over plain TCP. */
+    SSL_CTX_set_options(tls_ctx, SSL_OP_IGNORE_UNEXPECTED_EOF);
+#endif
+}
+
+/* The handshake of a connected non-blocking socket, waiting as it must. */
+static void tls_connect(struct conn *c)
+{
+    c->ssl = SSL_new(tls_ctx);
+    if (!c->ssl || SSL_set_fd(c->ssl, c->fd) != 1)
+        die("SSL_new failed");
+    SSL_set_tlsext_host_name(c->ssl, "localhost");
+    SSL_set1_host(c->ssl, "localhost");
+    for (;;) {
+        errno = 0;
+        int ret = SSL_connect(c->ssl);
+        if (ret == 1)
+            return;
+        int err = SSL_get_error(c->ssl, ret);
+        if (err != SSL_ERROR_WANT_READ && err != SSL_ERROR_WANT_WRITE) {
+            char buf[256];
+            ERR_error_string_n(ERR_get_error(), buf, sizeof buf);
+            die("TLS handshake with %s port %d failed: %s (%s)", opt.host, opt.port, buf,
+                strerror(errno));
+        }
+        struct pollfd pfd = {.fd = c->fd, .events = err == SSL_ERROR_WANT_READ ? POLLIN : POLLOUT};
+        if (poll(&pfd, 1, 60000) <= 0)
+            die("TLS handshake with %s port %d timed out", opt.host, opt.port);
+    }
+}
+#endif
+
+/* send() and recv() on a connection, through TLS if it has it. */
+static ssize_t conn_send(struct conn *c, const void *buf, size_t len)
+{
+#ifdef LOADGEN_TLS
+    if (c->ssl) {
+        errno = 0;
+        int n = SSL_write(c->ssl, buf, len > INT32_MAX ? INT32_MAX : (int)len);
+        return n > 0 ? n : tls_result(c->ssl, n);
+    }
+#endif
+    return send(c->fd, buf, len, MSG_NOSIGNAL);
+}
+
+static ssize_t conn_recv(struct conn *c, void *buf, size_t len)
+{
+#ifdef LOADGEN_TLS
+    if (c->ssl) {
+        errno = 0;
+        int n = SSL_read(c->ssl, buf, (int)len);
+        return n > 0 ? n : tls_result(c->ssl, n);
+    }
+#endif
+    return recv(c->fd, buf, len, 0);
+}
+
+/* Whether a connection may hold received bytes that epoll cannot see: TLS
+ * decrypts a record at a time, so after a read there may be more of it. */
+static bool conn_buffers(const struct conn *c)
+{
+#ifdef LOADGEN_TLS
+    return c->ssl != NULL;
+#else
+    (void)c;
+    return false;
+#endif
+}
+
 static bool accepting_new_requests(void) { return phase == PH_WARMUP || phase == PH_MEASURE; }
 
 /* --- Stream requests (tcp, connect and idle modes) ---------------------------- */
@@ -398,7 +537,7 @@ static void idle_open_more(void);
 static void stream_flush(struct conn *c)
 {
     while (c->sent < req_len) {
-        ssize_t n = send(c->fd, req_buf + c->sent, req_len - c->sent, MSG_NOSIGNAL);
+        ssize_t n = conn_send(c, req_buf + c->sent, req_len - c->sent);
         if (n > 0) {
             c->sent += (size_t)n;
             cur->bytes_sent += (uint64_t)n;
@@ -520,31 +659,45 @@ static void stream_mismatch_close(struct conn *c)
     }
 }
 
+static bool stream_read_once(struct conn *c);
+
 static void stream_readable(struct conn *c)
 {
-    ssize_t n = recv(c->fd, scratch, sizeof scratch, 0);
+    /* Over TLS, read until the socket has nothing more: a record already
+     * taken in and decrypted would never wake epoll again. */
+    while (stream_read_once(c) && conn_buffers(c))
+        continue;
+}
+
+/* One read and what follows from it; true if it took bytes and the
+ * connection is still open. */
+static bool stream_read_once(struct conn *c)
+{
+    errno = 0;
+    ssize_t n = conn_recv(c, scratch, sizeof scratch);
     if (n < 0) {
         if (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)
-            return;
+            return false;
         stream_failed(c, errno, c->state == ST_HELD ? "holding" : "receiving");
-        return;
+        return false;
     }
     if (n == 0) {
         stream_failed(c, ERR_EOF, c->state == ST_HELD ? "holding" : "receiving");
-        return;
+        return false;
     }
     cur->bytes_received += (uint64_t)n;
     if (c->state != ST_BUSY) {
         report_mismatch("bytes with no request outstanding", 0, exp_buf, 0, scratch, (size_t)n);
         stream_mismatch_close(c);
-        return;
+        return false;
     }
     if (!check_reply(&c->rcvd, exp_buf, exp_len, scratch, (size_t)n)) {
         stream_mismatch_close(c);
-        return;
+        return false;
     }
     if (c->rcvd == exp_len && c->sent == req_len)
         stream_done(c);
+    return c->fd >= 0;
 }
 
 static void connect_finished(struct conn *c)
@@ -874,7 +1027,8 @@ static void usage(int status)
     fprintf(status ? stderr : stdout,
             "usage: loadgen tcp|connect|udp|idle --port P --payload FILE --expect FILE\n"
             "       [--host 127.0.0.1] [--connections 50] [--depth 1] [--warmup 2]\n"
-            "       [--duration 10] [--udp-timeout-ms 250] [--count 10000] [--warm 50]\n");
+            "       [--duration 10] [--udp-timeout-ms 250] [--count 10000] [--warm 50]\n"
+            "       [--tls --cafile FILE]   (tcp mode; a binary built with -DLOADGEN_TLS)\n");
     exit(status);
 }
 
@@ -904,6 +1058,8 @@ static void parse_args(int argc, char **argv)
         {"warmup", required_argument, 0, 'w'},
         {"duration", required_argument, 0, 't'},
         {"udp-timeout-ms", required_argument, 0, 'u'},
+        {"tls", no_argument, 0, 'T'},
+        {"cafile", required_argument, 0, 'C'},
         {"help", no_argument, 0, 'H'},
         {0, 0, 0, 0},
     };
@@ -937,12 +1093,24 @@ static void parse_args(int argc, char **argv)
         case 'w': opt.warmup = parse_number(optarg, "warmup", 0, 86400); break;
         case 't': opt.duration = parse_number(optarg, "duration", 0.001, 86400); break;
         case 'u': opt.udp_timeout_ms = parse_number(optarg, "udp-timeout-ms", 1, 60000); break;
+        case 'T': opt.tls = true; break;
+        case 'C': opt.cafile = optarg; break;
         case 'H': usage(0); break;
         default: usage(2);
         }
     }
     if (optind != argc || opt.port == 0 || !opt.payload_path || !opt.expect_path)
         usage(2);
+    if (opt.tls && (opt.mode != MODE_TCP || !opt.cafile)) {
+        fprintf(stderr, "loadgen: --tls is for tcp mode, and needs --cafile\n");
+        exit(2);
+    }
+#ifndef LOADGEN_TLS
+    if (opt.tls) {
+        fprintf(stderr, "loadgen: built without TLS (see loadgen.py)\n");
+        exit(2);
+    }
+#endif
     if (opt.mode == MODE_UDP && opt.connections > TAG_SOCKETS) {
         fprintf(stderr, "loadgen: udp mode takes at most %d sockets\n", TAG_SOCKETS);
         exit(2);
@@ -1007,6 +1175,10 @@ static void setup_conns(void)
         for (int i = 0; i < nconns; i++) {
             conns[i].fd = blocking_connect(SOCK_STREAM);
             set_nodelay(conns[i].fd);
+#ifdef LOADGEN_TLS
+            if (opt.tls)
+                tls_connect(&conns[i]);
+#endif
             set_interest(&conns[i], (uint32_t)i, EPOLLIN);
         }
         live = nconns;
@@ -1186,6 +1358,10 @@ int main(int argc, char **argv)
     ep = epoll_create1(EPOLL_CLOEXEC);
     if (ep < 0)
         die("epoll_create1: %s", strerror(errno));
+#ifdef LOADGEN_TLS
+    if (opt.tls)
+        tls_setup();
+#endif
     setup_conns();
     if (opt.mode == MODE_IDLE)
         run_idle();

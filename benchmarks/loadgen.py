@@ -34,9 +34,14 @@ class LoadgenError(Exception):
     """The load generator could not be built, or did not finish its run."""
 
 
-def build() -> Path:
-    """The load generator binary, compiled first if missing or out of date."""
-    binary = BUILD_DIR / "loadgen"
+def build(*, tls: bool = False) -> Path:
+    """The load generator binary, compiled first if missing or out of date.
+
+    With ``tls``, the one that speaks TLS too (``loadgen-tls``), linked with
+    OpenSSL: it needs OpenSSL's headers (Debian's libssl-dev), which the
+    plain one and the rest of the project do without.
+    """
+    binary = BUILD_DIR / ("loadgen-tls" if tls else "loadgen")
     if binary.exists() and binary.stat().st_mtime >= SOURCE.stat().st_mtime:
         return binary
     compiler = os.environ.get("CC", "cc")
@@ -46,16 +51,24 @@ def build() -> Path:
     # Compiled under a name of its own and renamed into place, so that two
     # runs at once (the smoke test and a real run, say) never execute a
     # half-written binary.
-    partial = BUILD_DIR / f"loadgen.{os.getpid()}.tmp"
+    partial = BUILD_DIR / f"{binary.name}.{os.getpid()}.tmp"
+    flags = ("-DLOADGEN_TLS",) if tls else ()
+    libraries = ("-lssl", "-lcrypto") if tls else ()
     result = subprocess.run(
-        [compiler, *CFLAGS, "-o", str(partial), str(SOURCE)],
+        [compiler, *CFLAGS, *flags, "-o", str(partial), str(SOURCE), *libraries],
         capture_output=True,
         text=True,
         check=False,
     )
     if result.returncode != 0:
         partial.unlink(missing_ok=True)
-        raise LoadgenError(f"compiling {SOURCE.name} failed:\n{result.stderr}")
+        if tls and "openssl/" in result.stderr:
+            raise LoadgenError(
+                f"compiling {SOURCE.name} with TLS needs OpenSSL's headers "
+                "(libssl-dev, openssl-devel)"
+            )
+        what = f"{SOURCE.name} with TLS" if tls else SOURCE.name
+        raise LoadgenError(f"compiling {what} failed:\n{result.stderr}")
     if result.stderr:
         print(result.stderr, end="")
     os.replace(partial, binary)
@@ -76,6 +89,8 @@ class LoadgenRun:
     depth: int = 1
     count: int = 0
     warm: int = 0
+    cafile: Path | None = None
+    """Speak TLS, trusting this CA (the TLS binary only)."""
 
     def argv(self, binary: Path) -> list[str]:
         """The load generator's command line."""
@@ -99,6 +114,8 @@ class LoadgenRun:
             args += ["--depth", str(self.depth)]
         if self.mode == "idle":
             args += ["--count", str(self.count), "--warm", str(self.warm)]
+        if self.cafile is not None:
+            args += ["--tls", "--cafile", str(self.cafile)]
         return args
 
     def setup_allowance(self) -> float:

@@ -37,7 +37,16 @@ from .procinfo import (
 )
 from .report import write_report
 from .scrape import Scraper
-from .servers import ROOT, RunningServer, Server, ServerError, free_port, ours_extra_flags, servers
+from .servers import (
+    ROOT,
+    Certificates,
+    RunningServer,
+    Server,
+    ServerError,
+    free_port,
+    ours_extra_flags,
+    servers,
+)
 from .workloads import (
     IDLE_CONNECTIONS,
     IDLE_WARM,
@@ -79,6 +88,41 @@ class Setup:
     warmup: float
     duration: float
     scratch: Path
+    tls: TlsSetup | str | None = None
+    """For the TLS workloads: their load generator and certificates, or why
+    they cannot run here; None if none is chosen."""
+
+
+@dataclass(frozen=True)
+class TlsSetup:
+    """The TLS workloads' own load generator, and the certificates every
+    server serves with."""
+
+    binary: Path
+    certificates: Certificates
+
+
+def _tls_setup(directory: Path) -> TlsSetup | str:
+    """Build the TLS load generator and make the certificates; or say why
+    the TLS workloads cannot run here."""
+    try:
+        binary = loadgen.build(tls=True)
+    except loadgen.LoadgenError as exc:
+        return str(exc).splitlines()[0]
+    try:
+        import trustme
+    except ImportError:
+        return "trustme is not installed (pip install -e '.[bench]')"
+    ca = trustme.CA()
+    leaf = ca.issue_cert("127.0.0.1", "localhost")
+    certificates = Certificates(
+        ca=directory / "ca.pem", cert=directory / "cert.pem", key=directory / "key.pem"
+    )
+    ca.cert_pem.write_to_path(str(certificates.ca))
+    leaf.private_key_pem.write_to_path(str(certificates.key))
+    for i, blob in enumerate(leaf.cert_chain_pems):
+        blob.write_to_path(str(certificates.cert), append=i > 0)
+    return TlsSetup(binary, certificates)
 
 
 def _names(text: str, known: Sequence[str], what: str) -> list[str]:
@@ -235,6 +279,14 @@ def measure(server: Server, workload: Workload, setup: Setup) -> Result:
         result.status = "skipped"
         result.note = why
         return result
+    binary, cafile, certificates = setup.binary, None, None
+    if workload.tls:
+        if not isinstance(setup.tls, TlsSetup):
+            result.status = "skipped"
+            result.note = setup.tls or "no TLS setup"
+            return result
+        binary, certificates = setup.tls.binary, setup.tls.certificates
+        cafile = certificates.ca
 
     stem = f"{server.name}-{workload.name}"
     payload = setup.scratch / f"{stem}.payload"
@@ -256,6 +308,7 @@ def measure(server: Server, workload: Workload, setup: Setup) -> Result:
         depth=workload.depth,
         count=workload.count,
         warm=IDLE_WARM if workload.mode == "idle" else 0,
+        cafile=cafile,
     )
     samples: list[CpuSample] = []
     rss: list[int] = []
@@ -264,7 +317,7 @@ def measure(server: Server, workload: Workload, setup: Setup) -> Result:
     summary: dict[str, Any] | None = None
     with server_log.open("wb") as slog, loadgen_log.open("wb") as llog:
         try:
-            running = RunningServer(server, port, setup.server_cpu, slog)
+            running = RunningServer(server, port, setup.server_cpu, slog, certificates)
             running.wait_ready()
             pid = running.pid
 
@@ -280,7 +333,7 @@ def measure(server: Server, workload: Workload, setup: Setup) -> Result:
                 if running.metrics_url is not None:
                     scraper = scraping.enter_context(Scraper(running.metrics_url))
                 summary = loadgen.run(
-                    setup.binary, spec, cpu=setup.loadgen_cpu, log=llog, on_start=mark, on_end=mark
+                    binary, spec, cpu=setup.loadgen_cpu, log=llog, on_start=mark, on_end=mark
                 )
         except (ServerError, loadgen.LoadgenError, OSError) as exc:
             result.status = "failed"
@@ -500,7 +553,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     results: list[Result] = []
     try:
         with tempfile.TemporaryDirectory(prefix="trio-upper-bench-") as scratch:
-            setup = Setup(binary, server_cpu, loadgen_cpu, warmup, duration, Path(scratch))
+            tls: TlsSetup | str | None = None
+            if any(w.tls for w in chosen_workloads):
+                tls = _tls_setup(Path(scratch))
+                if isinstance(tls, str):
+                    print(f"note: the TLS workloads are skipped: {tls}")
+            setup = Setup(binary, server_cpu, loadgen_cpu, warmup, duration, Path(scratch), tls)
             for workload in chosen_workloads:
                 for name in chosen_servers:
                     server = all_servers[name]

@@ -24,9 +24,17 @@ from trio_upper.transform import upper_bytes
 
 from .lines import LineReader
 from .procinfo import pinned
-from .workloads import WORKLOAD_NAMES
+from .workloads import TLS_WORKLOADS, WORKLOAD_NAMES
 
-__all__ = ["ROOT", "RunningServer", "Server", "free_port", "ours_extra_flags", "servers"]
+__all__ = [
+    "ROOT",
+    "Certificates",
+    "RunningServer",
+    "Server",
+    "free_port",
+    "ours_extra_flags",
+    "servers",
+]
 
 ROOT = Path(__file__).resolve().parent.parent
 PEERS = Path(__file__).resolve().parent / "peers"
@@ -53,6 +61,20 @@ ALL_WORKLOADS = frozenset(WORKLOAD_NAMES)
 # would do less work than ours, not the same, so they skip that workload.
 PEER_WORKLOADS = ALL_WORKLOADS - {"tcp-utf8"}
 
+# How every server is told to serve TLS: the same certificate and key files,
+# made for the run (see run.py).
+TLS_FLAGS = ("--certfile", "{certfile}", "--keyfile", "{keyfile}")
+
+
+@dataclass(frozen=True)
+class Certificates:
+    """PEM files for the TLS workloads: a CA, and a certificate for
+    127.0.0.1 and localhost that it signed, with its key."""
+
+    ca: Path
+    cert: Path
+    key: Path
+
 
 def _ascii_upper(data: bytes) -> bytes:
     return data.upper()
@@ -75,9 +97,14 @@ class Server:
     scrape: bool = False
     """Serves Prometheus metrics (``--metrics``), which the harness scrapes
     while the load runs (see scrape.py)."""
+    tls: tuple[str, ...] = ()
+    """What to add to ``argv`` for the TLS workloads; none: it takes no part
+    in them."""
 
     def takes(self, workload: str) -> bool:
         """Whether this server runs ``workload`` at all."""
+        if workload in TLS_WORKLOADS and not self.tls:
+            return False
         return workload in self.workloads
 
     def missing(self) -> str | None:
@@ -86,9 +113,17 @@ class Server:
             return f"{self.needs} is not installed (pip install -e '.[bench]')"
         return None
 
-    def command(self, port: int) -> list[str]:
-        """The command line that serves on ``port``."""
-        return [part.replace("{port}", str(port)) for part in self.argv]
+    def command(self, port: int, certificates: Certificates | None = None) -> list[str]:
+        """The command line that serves on ``port``; with ``certificates``,
+        TLS on TCP."""
+        argv = list(self.argv)
+        values = {"{port}": str(port)}
+        if certificates is not None:
+            argv += self.tls
+            values |= {"{certfile}": str(certificates.cert), "{keyfile}": str(certificates.key)}
+        for placeholder, value in values.items():
+            argv = [part.replace(placeholder, value) for part in argv]
+        return argv
 
 
 def ours_extra_flags() -> list[str]:
@@ -118,7 +153,7 @@ def servers(ours_flags: Sequence[str]) -> list[Server]:
     ours = (py, "-m", "trio_upper", "serve", "--host", "127.0.0.1", "--port", "{port}")
     peers = str(PEERS)
     return [
-        Server("ours", "trio-upper", (*ours, *ours_flags), upper_bytes),
+        Server("ours", "trio-upper", (*ours, *ours_flags), upper_bytes, tls=TLS_FLAGS),
         Server(
             "ours-ascii",
             "trio-upper --ascii",
@@ -143,6 +178,7 @@ def servers(ours_flags: Sequence[str]) -> list[Server]:
             (py, f"{peers}/trio_tutorial.py", "--port", "{port}"),
             _ascii_upper,
             PEER_WORKLOADS,
+            tls=TLS_FLAGS,
         ),
         Server(
             "asyncio-streams",
@@ -150,6 +186,7 @@ def servers(ours_flags: Sequence[str]) -> list[Server]:
             (py, f"{peers}/asyncio_streams.py", "--port", "{port}"),
             _ascii_upper,
             PEER_WORKLOADS - {"udp"},
+            tls=TLS_FLAGS,
         ),
         Server(
             "asyncio-protocol",
@@ -157,6 +194,7 @@ def servers(ours_flags: Sequence[str]) -> list[Server]:
             (py, f"{peers}/asyncio_protocol.py", "--port", "{port}"),
             _ascii_upper,
             PEER_WORKLOADS,
+            tls=TLS_FLAGS,
         ),
         Server(
             "uvloop-protocol",
@@ -165,6 +203,7 @@ def servers(ours_flags: Sequence[str]) -> list[Server]:
             _ascii_upper,
             PEER_WORKLOADS,
             needs="uvloop",
+            tls=TLS_FLAGS,
         ),
     ]
 
@@ -210,13 +249,20 @@ class ServerError(Exception):
 class RunningServer:
     """A server process: started pinned, ready once it has printed its line."""
 
-    def __init__(self, server: Server, port: int, cpu: int | None, log: IO[bytes]) -> None:
+    def __init__(
+        self,
+        server: Server,
+        port: int,
+        cpu: int | None,
+        log: IO[bytes],
+        certificates: Certificates | None = None,
+    ) -> None:
         self.server = server
         self.port = port
         self._log = log
         with pinned(cpu):
             self.process = subprocess.Popen(
-                server.command(port),
+                server.command(port, certificates),
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 # A file, not a pipe: a server that logs a lot must never

@@ -14,6 +14,7 @@ __all__ = [
     "IDLE_CONNECTIONS",
     "IDLE_WARM",
     "QUICK_IDLE_CONNECTIONS",
+    "TLS_WORKLOADS",
     "WORKLOAD_NAMES",
     "Workload",
     "ascii_text",
@@ -67,9 +68,23 @@ class Workload:
     depth: int = 1
     count: int = 0
     """Idle mode: the connections to hold."""
+    tls: bool = False
+    """Over TLS: each connection's handshake is done before the warm-up, so
+    what is measured is requests over TLS."""
 
 
-WORKLOAD_NAMES = ("tcp", "pipelined", "bulk", "connect", "udp", "idle", "tcp-utf8")
+WORKLOAD_NAMES = (
+    "tcp",
+    "pipelined",
+    "bulk",
+    "connect",
+    "udp",
+    "idle",
+    "tcp-utf8",
+    "tls",
+    "tls-bulk",
+)
+TLS_WORKLOADS = frozenset({"tls", "tls-bulk"})
 
 
 def workloads(*, idle_connections: int) -> list[Workload]:
@@ -136,5 +151,23 @@ def workloads(*, idle_connections: int) -> list[Workload]:
             50,
             utf8_text(100),
             "as TCP ping-pong, with 100 B of mostly non-ASCII UTF-8 text",
+        ),
+        Workload(
+            "tls",
+            "TLS ping-pong",
+            "tcp",
+            50,
+            small,
+            "as TCP ping-pong, over TLS (TLS 1.3, handshakes done before the warm-up)",
+            tls=True,
+        ),
+        Workload(
+            "tls-bulk",
+            "TLS bulk",
+            "tcp",
+            4,
+            ascii_text(65536),
+            "as TCP bulk, over TLS (TLS 1.3, handshakes done before the warm-up)",
+            tls=True,
         ),
     ]

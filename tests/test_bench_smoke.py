@@ -4,8 +4,8 @@ A smoke test of the harness, not a benchmark: it checks that every server
 and workload runs, that every reply matched byte for byte and that the report
 is written, and asserts no figure. It needs only what the test extra
 installs: without uvloop the uvloop peer is skipped, without prometheus_client
-ours with --metrics, without matplotlib the chart. It does need a C compiler,
-for the load generator.
+ours with --metrics, without matplotlib the chart, and without OpenSSL's headers
+the TLS workloads. It does need a C compiler, for the load generator.
 """
 
 from __future__ import annotations
@@ -32,11 +32,13 @@ SERVERS = (
     "asyncio-protocol",
     "uvloop-protocol",
 )
-WORKLOADS = ("tcp", "pipelined", "bulk", "connect", "udp", "idle", "tcp-utf8")
+WORKLOADS = ("tcp", "pipelined", "bulk", "connect", "udp", "idle", "tcp-utf8", "tls", "tls-bulk")
+TLS_WORKLOADS = ("tls", "tls-bulk")
 
 # What each server does not run: the peers only uppercase ASCII, asyncio
 # streams has no UDP, --ascii only takes part in the UTF-8 comparison, and
-# --metrics only in TCP ping-pong and UDP.
+# --metrics only in TCP ping-pong and UDP (every other server takes part in
+# the TLS workloads).
 NOT_APPLICABLE = (
     {("ours-ascii", w) for w in WORKLOADS if w not in ("tcp", "tcp-utf8")}
     | {("ours-metrics", w) for w in WORKLOADS if w not in ("tcp", "udp")}
@@ -67,6 +69,17 @@ def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     return output, result.stdout
 
 
+def tls_load_generator_builds() -> bool:
+    """Whether the TLS load generator can be built here (OpenSSL's headers)."""
+    from benchmarks import loadgen
+
+    try:
+        loadgen.build(tls=True)
+    except loadgen.LoadgenError:
+        return False
+    return True
+
+
 def _results(output: Path) -> dict[tuple[str, str], dict[str, Any]]:
     raw = json.loads((output / "results.json").read_text())
     return {(r["server"], r["workload"]): r for r in raw["results"]}
@@ -78,11 +91,14 @@ def test_every_server_and_workload_has_a_row(quick_run: tuple[Path, str]) -> Non
     assert set(results) == {(s, w) for s in SERVERS for w in WORKLOADS}
     have_uvloop = importlib.util.find_spec("uvloop") is not None
     have_metrics = importlib.util.find_spec("prometheus_client") is not None
+    have_tls = tls_load_generator_builds()
     for (server, workload), result in results.items():
         if (server, workload) in NOT_APPLICABLE:
             expected = "n/a"
-        elif (server == "uvloop-protocol" and not have_uvloop) or (
-            server == "ours-metrics" and not have_metrics
+        elif (
+            (server == "uvloop-protocol" and not have_uvloop)
+            or (server == "ours-metrics" and not have_metrics)
+            or (workload in TLS_WORKLOADS and not have_tls)
         ):
             expected = "skipped"
         else:

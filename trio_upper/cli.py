@@ -292,7 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="serve Prometheus metrics over HTTP at http://HOST:PORT/metrics; needs "
         "pip install 'trio-upper[metrics]' (default: off)",
     )
-    serve.set_defaults(run=_serve)
+    serve.set_defaults(run=_serve, command_parser=serve)
 
     tcp = commands.add_parser(
         "tcp",
@@ -333,7 +333,18 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME",
         help="with --tls, the name the server's certificate must carry (default: HOST)",
     )
-    tcp.set_defaults(run=_tcp)
+    tcp.add_argument(
+        "--certfile",
+        metavar="FILE",
+        help="with --tls, present this PEM certificate chain to a server that asks for "
+        "one (serve --ca-certs) (default: none)",
+    )
+    tcp.add_argument(
+        "--keyfile",
+        metavar="FILE",
+        help="the client certificate's PEM private key (default: read from --certfile)",
+    )
+    tcp.set_defaults(run=_tcp, command_parser=tcp)
 
     udp = commands.add_parser(
         "udp",
@@ -359,7 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="tries after the first before giving up on a line (default: %(default)s)",
     )
-    udp.set_defaults(run=_udp)
+    udp.set_defaults(run=_udp, command_parser=udp)
     return parser
 
 
@@ -392,17 +403,33 @@ def _say(args: argparse.Namespace, message: str) -> None:
         os.close(devnull)
 
 
+def _usage_problem(args: argparse.Namespace) -> str | None:
+    """What is wrong with flags that argparse accepts one by one but that do
+    not go together, if anything."""
+    if args.command == "serve":
+        if args.certfile is None and (args.keyfile is not None or args.ca_certs is not None):
+            return "--keyfile and --ca-certs go with --certfile"
+        if args.certfile is not None and args.udp_only:
+            return "--certfile is for TCP, and --udp-only serves none (UDP has no TLS)"
+        if args.proxy_allow_from is not None and not args.proxy_protocol:
+            return "--proxy-allow-from goes with --proxy-protocol"
+    elif args.command == "tcp":
+        with_tls = (args.cafile, args.server_name, args.certfile)
+        if not args.tls and any(value is not None for value in with_tls):
+            return "--cafile, --server-name and --certfile go with --tls"
+        if args.certfile is None and args.keyfile is not None:
+            return "--keyfile goes with --certfile"
+    return None
+
+
 def _server_config(args: argparse.Namespace) -> ServerConfig:
-    """The server's configuration from the flags; raises UserError for a
-    combination that cannot work."""
-    if args.certfile is None and (args.keyfile or args.ca_certs):
-        raise UserError("--keyfile and --ca-certs go with --certfile")
-    if args.certfile is not None and args.udp_only:
-        raise UserError("--certfile is for TCP, and --udp-only serves none (UDP has no TLS)")
+    """The server's configuration from the flags.
+
+    Raises:
+      UserError: a file named by a flag cannot be used.
+    """
     if args.metrics is not None:
         metrics.require()
-    if args.proxy_allow_from is not None and not args.proxy_protocol:
-        raise UserError("--proxy-allow-from goes with --proxy-protocol")
     proxy_allow = None
     if args.proxy_protocol:
         allowed = args.proxy_allow_from or proxy.parse_allow_list(DEFAULT_ALLOW)
@@ -636,13 +663,12 @@ def _summary(stats: ServerStats, workers: int = 1) -> str:
 
 
 async def _tcp(args: argparse.Namespace) -> None:
-    if not args.tls and (args.cafile or args.server_name):
-        raise UserError("--cafile and --server-name go with --tls")
+    context = tls.client_context(args.cafile, args.certfile, args.keyfile) if args.tls else None
     stream = await connect_tcp(
         args.host,
         args.port,
         timeout=args.connect_timeout,
-        tls=tls.client_context(args.cafile) if args.tls else None,
+        tls=context,
         server_name=args.server_name,
     )
     stdout = FdSendStream(_STDOUT)
@@ -716,6 +742,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit status."""
     _open_missing_std_fds()
     args = build_parser().parse_args(argv)
+    if (problem := _usage_problem(args)) is not None:
+        command_parser: argparse.ArgumentParser = args.command_parser
+        command_parser.error(problem)  # exits 2, as argparse does
     # A worker of `serve --workers` (workers.py); taken out of the
     # environment so that nothing the worker starts believes it is one.
     args.worker = os.environ.pop(workers.WORKER_VARIABLE, None) if args.run is _serve else None

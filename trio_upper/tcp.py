@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import ssl
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -18,6 +19,7 @@ from typing import Any, Protocol
 import trio
 
 from .errors import host_port
+from .tls import describe_tls_error
 from .transform import Uppercaser
 
 __all__ = [
@@ -192,7 +194,13 @@ async def handle_stream(
                         await stream.do_handshake()
                     except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                         counts.tls_failed += 1
-                        logger.debug("%s: TLS handshake failed: %s", peer, exc.__cause__ or exc)
+                        cause = exc.__cause__ or exc
+                        reason = (
+                            describe_tls_error(cause)
+                            if isinstance(cause, ssl.SSLError)
+                            else str(cause)
+                        )
+                        logger.debug("%s: TLS handshake failed: %s", peer, reason)
                         return received
                 data = await stream.receive_some(RECEIVE_SIZE)
                 if debug:

@@ -96,7 +96,10 @@ async def connect_tcp(
             stream: trio.abc.Stream = await trio.open_tcp_stream(host, port)
             if tls is not None:
                 stream = trio.SSLStream(
-                    stream, tls, server_hostname=server_name or host, https_compatible=False
+                    _EchoGuard(stream),
+                    tls,
+                    server_hostname=server_name or host,
+                    https_compatible=False,
                 )
                 try:
                     await stream.do_handshake()
@@ -106,6 +109,11 @@ async def connect_tcp(
             return stream
     except trio.TooSlowError:
         raise UserError(f"timed out after {timeout:g} s connecting to {where}") from None
+    except _EchoedHello:
+        raise UserError(
+            f"TLS with {where} failed: the other side does not speak TLS "
+            "(it sent our TLS hello back)"
+        ) from None
     except (socket.gaierror, UnicodeError) as exc:
         raise UserError.unresolvable(host, exc) from None
     except trio.BrokenResourceError as exc:
@@ -114,6 +122,50 @@ async def connect_tcp(
         raise UserError(f"TLS with {where} failed: {reason}") from None
     except OSError as exc:
         raise UserError(f"cannot connect to {where}: {os_reason(exc)}") from None
+
+
+class _EchoedHello(Exception):
+    """The server sent our ClientHello back."""
+
+
+class _EchoGuard(trio.abc.Stream):
+    """The TCP stream beneath a TLS client, watching the server's first bytes.
+
+    A server that does not speak TLS but answers every byte (trio-upper
+    without ``--certfile``, or any echo server) sends our ClientHello back,
+    uppercased. OpenSSL reads the whole record before it looks inside, and
+    the uppercase may have made the record shorter than its header says, or
+    the server may hold its last bytes back as half a UTF-8 character: the
+    handshake would then wait for bytes that never come, and the user would
+    get a timeout instead of the reason. A server's first handshake message
+    is a ServerHello (type 2), never a ClientHello (type 1), so the first six
+    bytes (the record header, then the message type) tell at once.
+    """
+
+    def __init__(self, transport_stream: trio.abc.Stream) -> None:
+        # Named as trio names what a wrapper wraps (see tcp.socket_of).
+        self.transport_stream = transport_stream
+        self._head = b""
+        self._checked = False
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        data = await self.transport_stream.receive_some(max_bytes)
+        if not self._checked:
+            self._head += data[: 6 - len(self._head)]
+            if len(self._head) == 6 or not data:
+                self._checked = True
+                if self._head[:1] == b"\x16" and self._head[5:6] == b"\x01":
+                    raise _EchoedHello
+        return data
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self.transport_stream.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.transport_stream.wait_send_all_might_not_block()
+
+    async def aclose(self) -> None:
+        await self.transport_stream.aclose()
 
 
 class _LineCount:
@@ -152,6 +204,22 @@ async def _receive(stream: trio.abc.ReceiveStream, max_bytes: int | None = None)
         return b""
 
 
+def _silence_hint(stream: trio.abc.Stream) -> str:
+    """For a server that closed without sending a byte back, a guess at why,
+    to append to the message."""
+    if isinstance(stream, trio.SSLStream):
+        # trio closes without the alert that would say why (the handshake
+        # had completed on our side: TLS 1.3 checks a client's certificate
+        # after that).
+        return (
+            " (a server that requires a client certificate does this when it gets "
+            "none it trusts: see --certfile)"
+        )
+    # A TLS server says nothing to a client that does not speak TLS: it
+    # just closes.
+    return " (if it serves TLS, use --tls)"
+
+
 def _unresponsive(timeout: float) -> UserError:
     # One message for every wait on the server: to take data, to reply, to
     # close. The user's remedy is the same (a slow server: a larger timeout).
@@ -185,6 +253,7 @@ class _ReplyLines:
         # Received and not yet written: the start of the next reply line, and
         # whatever a server sent ahead of it. Never longer than the bound.
         self.pending = bytearray()
+        self.received_any = False
 
     async def _write_out(self, size: int) -> None:
         """Write the first ``size`` pending bytes, and forget them."""
@@ -222,6 +291,7 @@ class _ReplyLines:
             if not data:
                 await self._write_out(len(self.pending))
                 return False
+            self.received_any = True
             self.pending += data
         await self._write_out(newline + 1)
         return True
@@ -272,9 +342,10 @@ async def tcp_interactive(
             sent = await _send(stream, line + b"\n", timeout)
             complete = await replies.relay()
             if not (sent and complete):
+                hint = "" if replies.received_any else _silence_hint(stream)
                 raise UserError(
                     "the server closed the connection; "
-                    f"{plural(answered, 'line')} answered, the last line was not"
+                    f"{plural(answered, 'line')} answered, the last line was not{hint}"
                 )
             answered += 1
     return answered
@@ -289,6 +360,7 @@ class _Expected:
         self._owed: collections.deque[bytes] = collections.deque()
         self.owed_bytes = 0
         self.matching = True
+        self.tail = b""
 
     def sent(self, data: bytes) -> None:
         if piece := self._upper.feed(data):
@@ -314,11 +386,12 @@ class _Expected:
             self.owed_bytes -= size
             data = data[size:]
 
-    def held_to_the_end(self) -> bytes:
-        """The bytes a server in this mode sends only at the end of the
-        stream: an incomplete UTF-8 sequence at the end of the input, which
-        comes back unchanged (see :meth:`Uppercaser.flush`)."""
-        return self._upper.flush()
+    def end(self) -> None:
+        """The input has ended: set :attr:`tail`, what a server in this mode
+        sends only at the end of the stream. That is an incomplete UTF-8
+        sequence at the very end of the input, which comes back unchanged
+        (see :meth:`Uppercaser.flush`), and nothing in ``--ascii`` mode."""
+        self.tail = self._upper.flush()
 
 
 class _ReplyCheck:
@@ -339,7 +412,6 @@ class _ReplyCheck:
     def __init__(self) -> None:
         self._modes = [_Expected(ascii_only=False), _Expected(ascii_only=True)]
         self.input_ended = False
-        self.held = b""
 
     def sent(self, data: bytes) -> None:
         for mode in self._modes:
@@ -347,19 +419,38 @@ class _ReplyCheck:
 
     def end_of_input(self) -> None:
         self.input_ended = True
-        # Only the UTF-8 mode holds anything back.
-        self.held = self._modes[0].held_to_the_end()
+        for mode in self._modes:
+            mode.end()
 
     def received(self, data: bytes) -> None:
+        """Check ``data``, the next bytes of the reply.
+
+        Raises:
+          UserError: the reply so far is the start of neither mode's reply.
+        """
         for mode in self._modes:
             mode.received(data)
         self._modes = [mode for mode in self._modes if mode.matching]
         if not self._modes:
             raise UserError("the server's reply is not the uppercase of what was sent")
 
+    def _complete(self) -> _Expected | None:
+        if not self.input_ended:
+            return None
+        return next((mode for mode in self._modes if not mode.owed_bytes), None)
+
     @property
     def done(self) -> bool:
-        return self.input_ended and any(not mode.owed_bytes for mode in self._modes)
+        """Whether the input has ended and one mode's reply has come in full."""
+        return self._complete() is not None
+
+    @property
+    def held(self) -> bytes:
+        """Once :attr:`done`, what the client writes itself: the tail of the
+        mode whose reply came in full (a server in ``--ascii`` mode has sent
+        its copy of the same bytes already)."""
+        complete = self._complete()
+        return complete.tail if complete is not None else b""
 
 
 class _StreamCopy:
@@ -460,16 +551,15 @@ class _StreamCopy:
 
     def check_complete(self) -> None:
         """Raise if the server closed with input unsent or unanswered."""
+        # Not a byte back at all: say what might be wrong.
+        hint = "" if self.answered.lines else _silence_hint(self.stream)
         if self.server_stopped_reading or not self.input_ended:
             raise UserError(
                 "the server closed the connection before all input was sent; "
-                f"{plural(self.answered.newlines, 'line')} answered"
+                f"{plural(self.answered.newlines, 'line')} answered{hint}"
             )
         answered = self.check.done if self.check is not None else self.answered.answers(self.sent)
         if not answered:
-            # Not a byte back at all: a TLS server says nothing to a client
-            # that does not speak TLS, it just closes.
-            hint = "" if self.answered.lines else " (if it serves TLS, use --tls)"
             raise UserError(
                 "the server closed the connection early; "
                 f"{self.answered.newlines} of {plural(self.sent.lines, 'line')} answered{hint}"

@@ -30,31 +30,88 @@ def server_context(certfile: str, keyfile: str | None, ca_certs: str | None) -> 
       UserError: a file cannot be read, or does not hold what it should.
     """
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    try:
-        context.load_cert_chain(certfile, keyfile)
-    except OSError as exc:
-        if isinstance(exc, ssl.SSLError):
-            reason = describe_tls_error(exc)
-            files = f"{certfile} and {keyfile}" if keyfile else certfile
-            raise UserError(f"cannot use --certfile/--keyfile {files}: {reason}") from None
-        raise UserError(f"cannot read {exc.filename or certfile}: {exc.strerror}") from None
+    _load_cert_chain(context, certfile, keyfile)
     if ca_certs is not None:
         _load_cas(context, ca_certs, "--ca-certs")
         context.verify_mode = ssl.CERT_REQUIRED
     return context
 
 
-def client_context(cafile: str | None) -> ssl.SSLContext:
+def client_context(
+    cafile: str | None, certfile: str | None = None, keyfile: str | None = None
+) -> ssl.SSLContext:
     """The client's context: verify the server against ``cafile``'s CAs, or
-    the system's trust store without one; the name is checked too.
+    the system's trust store without one; the name is checked too. With
+    ``certfile``, present that certificate to a server that asks for one
+    (mutual TLS).
 
     Raises:
-      UserError: ``cafile`` cannot be read or holds no certificate.
+      UserError: a file cannot be read, or does not hold what it should.
     """
     context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
     if cafile is not None:
         _load_cas(context, cafile, "--cafile")
+    if certfile is not None:
+        _load_cert_chain(context, certfile, keyfile)
     return context
+
+
+def _load_cert_chain(context: ssl.SSLContext, certfile: str, keyfile: str | None) -> None:
+    flags = f"--certfile {certfile}" + (f" --keyfile {keyfile}" if keyfile is not None else "")
+    # OpenSSL names neither the file it could not open nor the one that held
+    # no key ("PEM lib"): look at each file first, so the message can.
+    for option, path in (("--certfile", certfile), ("--keyfile", keyfile)):
+        if path is not None:
+            _check_readable(path, option)
+    if not _holds_a_certificate(certfile):
+        raise UserError(f"cannot use {flags}: no PEM certificate in {certfile}")
+    try:
+        # Never OpenSSL's prompt for a passphrase: a server has no one to ask.
+        context.load_cert_chain(certfile, keyfile, password=_no_passphrase)
+    except _EncryptedKey:
+        raise UserError(
+            f"cannot use {flags}: the private key is encrypted; trio-upper takes only a "
+            "plain one (openssl pkey -in KEY -out PLAIN_KEY decrypts it)"
+        ) from None
+    except ssl.SSLError as exc:
+        if exc.reason is None:
+            # Not a key mismatch (that has a reason): the key itself.
+            if keyfile is None:
+                reason = f"no PEM private key in {certfile} (give it with --keyfile)"
+            else:
+                reason = f"no PEM private key in {keyfile}"
+        else:
+            reason = describe_tls_error(exc)
+        raise UserError(f"cannot use {flags}: {reason}") from None
+    except OSError as exc:
+        # Gone, or changed, since we looked.
+        raise UserError(f"cannot read {flags}: {exc.strerror}") from None
+
+
+class _EncryptedKey(Exception):
+    pass
+
+
+def _no_passphrase() -> str:
+    raise _EncryptedKey
+
+
+def _check_readable(path: str, option: str) -> None:
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as exc:
+        raise UserError(f"cannot read {option} {path}: {exc.strerror}") from None
+
+
+def _holds_a_certificate(path: str) -> bool:
+    try:
+        ssl.create_default_context().load_verify_locations(cafile=path)
+    except ssl.SSLError:
+        return False
+    except OSError:
+        return True  # load_cert_chain will say what
+    return True
 
 
 def _load_cas(context: ssl.SSLContext, path: str, option: str) -> None:
@@ -69,15 +126,17 @@ def _load_cas(context: ssl.SSLContext, path: str, option: str) -> None:
 # OpenSSL's reasons, as a user would put them.
 _REASONS = {
     "WRONG_VERSION_NUMBER": "the other side does not speak TLS",
+    # A plain server sends back (the uppercase of) our ClientHello.
+    "UNEXPECTED_MESSAGE": "the other side does not speak TLS",
     "HTTP_REQUEST": "the other side does not speak TLS",
     "RECORD_LAYER_FAILURE": "the other side does not speak TLS",
     "PACKET_LENGTH_TOO_LONG": "the other side does not speak TLS",
     "UNEXPECTED_EOF_WHILE_READING": "the connection was closed during the TLS handshake",
     "TLSV13_ALERT_CERTIFICATE_REQUIRED": "the server requires a client certificate",
+    "PEER_DID_NOT_RETURN_A_CERTIFICATE": "the client sent no certificate",
     "SSLV3_ALERT_BAD_CERTIFICATE": "the other side rejected the certificate",
     "TLSV1_ALERT_UNKNOWN_CA": "the other side does not trust the certificate's CA",
     "KEY_VALUES_MISMATCH": "the key does not match the certificate",
-    "PEM_LIB": "not a PEM certificate or key",
     "NO_CERTIFICATE_OR_CRL_FOUND": "no certificate in the file",
 }
 

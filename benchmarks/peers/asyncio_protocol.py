@@ -1,7 +1,10 @@
 """asyncio Protocols (TCP Protocol and DatagramProtocol); ``--uvloop`` runs the
 very same code on uvloop's event loop.
 
-Run as ``python asyncio_protocol.py --port P [--uvloop]``.
+With ``--certfile`` and ``--keyfile``, TCP is TLS: ``create_server(ssl=...)``
+(on uvloop, uvloop's own TLS transport).
+
+Run as ``python asyncio_protocol.py --port P [--uvloop] [--certfile FILE --keyfile FILE]``.
 """
 
 from __future__ import annotations
@@ -9,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import signal
+import ssl
 from typing import cast
 
 
@@ -47,13 +51,13 @@ class UpperDatagramProtocol(asyncio.DatagramProtocol):
         self.transport.sendto(data.upper(), addr)
 
 
-async def serve(host: str, port: int, label: str) -> None:
-    """Serve TCP and UDP until SIGINT or SIGTERM."""
+async def serve(host: str, port: int, label: str, tls: ssl.SSLContext | None) -> None:
+    """Serve TCP (over TLS with ``tls``) and UDP until SIGINT or SIGTERM."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
-    server = await loop.create_server(UpperProtocol, host, port)
+    server = await loop.create_server(UpperProtocol, host, port, ssl=tls)
     transport, _ = await loop.create_datagram_endpoint(
         UpperDatagramProtocol, local_addr=(host, port)
     )
@@ -71,15 +75,21 @@ def main() -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--uvloop", action="store_true", help="run on uvloop")
+    parser.add_argument("--certfile", help="serve TCP over TLS with this certificate")
+    parser.add_argument("--keyfile", help="and this key")
     args = parser.parse_args()
+    tls = None
+    if args.certfile:
+        tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        tls.load_cert_chain(args.certfile, args.keyfile)
     if args.uvloop:
         # Imported here so that the asyncio variant runs where uvloop is not
         # installed.
         import uvloop
 
-        uvloop.run(serve(args.host, args.port, "uvloop Protocol"))
+        uvloop.run(serve(args.host, args.port, "uvloop Protocol", tls))
     else:
-        asyncio.run(serve(args.host, args.port, "asyncio Protocol"))
+        asyncio.run(serve(args.host, args.port, "asyncio Protocol", tls))
 
 
 if __name__ == "__main__":
