@@ -17,7 +17,9 @@ For each balancer:
 3. Load through the balancer (:class:`Load`): TCP clients that each send
    random UTF-8 text, half-close and check that the reply is exactly its
    uppercase, one connection after another; and, through nginx, UDP clients
-   that send tagged datagrams and send again when no reply comes.
+   that send tagged datagrams as ``trio-upper udp`` does (its own
+   :func:`~trio_upper.udp_client.udp_ask`, which sends again when no reply
+   comes).
 4. Meanwhile the rolling restart (:func:`rolling_restart`): SIGTERM one
    instance, which must exit 0; start a new one on its port; wait until it
    serves; the next.
@@ -54,6 +56,7 @@ from pathlib import Path
 import trio
 
 from trio_upper.transform import upper_bytes
+from trio_upper.udp_client import udp_ask
 
 __all__ = [
     "BALANCERS",
@@ -95,12 +98,11 @@ EXCHANGE_TIMEOUT = 30.0
 # An instance has its --grace (5 s) for open connections after SIGTERM.
 STOP_TIMEOUT = 20.0
 
-# How long a UDP client waits for each try's reply: the first wait, then
-# twice as long each time, UDP_TRIES tries in all (0.5 + 1 + 2 + 4 + 4 s).
-# A datagram lost in a restart (in the stopped instance's queue, or sent
-# to its port while nothing listened) is answered on a later try.
+# The UDP clients' first wait for a reply; each retry waits twice as long
+# (trio_upper.udp_client.udp_ask), UDP_TRIES tries in all: 0.5 + 1 + 2 + 4
+# + 8 s. A datagram lost in a restart (in the stopped instance's queue, or
+# sent to its port while nothing listened) is answered on a later try.
 UDP_WAIT = 0.5
-UDP_WAIT_MAX = 4.0
 UDP_TRIES = 5
 
 # Seconds between one UDP client's datagrams: together the clients stay far
@@ -448,7 +450,6 @@ class Counts:
     tcp_bytes: int = 0  # bytes sent in them
     datagrams: int = 0  # UDP requests answered, each checked
     resent: int = 0  # UDP tries that got no reply in time and were sent again
-    late: int = 0  # replies to an earlier try, recognised by their tag
     restarts: int = 0
     failures: list[str] = field(default_factory=list)
     served: list[str] = field(default_factory=list)  # the instances' closing summaries
@@ -458,8 +459,7 @@ class Counts:
 
     def line(self) -> str:
         udp = (
-            f"{self.datagrams:,} datagrams ({self.resent:,} sent again, {self.late:,} late "
-            "replies)"
+            f"{self.datagrams:,} datagrams ({self.resent:,} tries sent again)"
             if self.balancer == "nginx"
             else "no UDP (HAProxy balances TCP only)"
         )
@@ -522,42 +522,57 @@ class Load:
 
     async def udp_client(self, number: int) -> None:
         rng = random.Random(f"{self.seed}-udp-{number}")
-        with trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-            await sock.bind(("127.0.0.1", 0))
-            sequence = 0
-            while not self._stopping.is_set():
-                sequence += 1
-                # Digits and a dot: its own uppercase, so a reply's tag says
-                # which request (and which client) it answers.
-                tag = f"{number}.{sequence}:".encode()
-                payload = random_text(rng, 400)
-                try:
-                    await self._ask(sock, tag + payload, tag + upper_bytes(payload), number)
-                except OSError as exc:
-                    self.counts.fail(f"UDP client {number}: {type(exc).__name__}: {exc}")
-                await trio.sleep(UDP_PACE)
+        sequence = 0
+        while not self._stopping.is_set():
+            sequence += 1
+            # Digits and a dot: their own uppercase, so the reply says which
+            # request (and which client) it answers.
+            tag = f"{number}.{sequence}:".encode()
+            payload = random_text(rng, 400)
+            try:
+                reply, tries = await self._ask(tag + payload)
+            except OSError as exc:
+                self.counts.fail(f"UDP client {number}: {type(exc).__name__}: {exc}")
+                continue
+            self.counts.resent += tries - 1
+            if reply is None:
+                self.counts.fail(f"UDP client {number}: no reply to {tag!r} in {tries} tries")
+            elif reply != tag + upper_bytes(payload):
+                self.counts.fail(f"UDP client {number}: a wrong reply to {tag!r}")
+            else:
+                self.counts.datagrams += 1
+            await trio.sleep(UDP_PACE)
 
-    async def _ask(
-        self, sock: trio.socket.SocketType, request: bytes, expected: bytes, number: int
-    ) -> None:
-        tag = request.partition(b":")[0] + b":"
-        wait = UDP_WAIT
-        for _ in range(UDP_TRIES):
-            await sock.sendto(request, ("127.0.0.1", self.port))
-            with trio.move_on_after(wait):
-                while True:
-                    reply, _ = await sock.recvfrom(65536)
-                    if not reply.startswith(tag):
-                        self.counts.late += 1
-                        continue
-                    if reply != expected:
-                        self.counts.fail(f"UDP client {number}: a wrong reply to {tag!r}")
-                    else:
-                        self.counts.datagrams += 1
-                    return
-            self.counts.resent += 1
-            wait = min(wait * 2, UDP_WAIT_MAX)
-        self.counts.fail(f"UDP client {number}: no reply to {tag!r} after {UDP_TRIES} tries")
+    async def _ask(self, request: bytes) -> tuple[bytes | None, int]:
+        """``request`` as `trio-upper udp` sends a line: from a socket of its
+        own, with its retries (:func:`~trio_upper.udp_client.udp_ask`).
+        Returns the reply (None if none came) and how many tries it took."""
+        with trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            counted = _CountingSocket(sock)
+            await counted.connect(("127.0.0.1", self.port))
+            reply = await udp_ask(counted, request, timeout=UDP_WAIT, retries=UDP_TRIES - 1)
+            return reply, counted.sends
+
+
+class _CountingSocket:
+    """A UDP socket that counts what it sends: the client's tries."""
+
+    def __init__(self, sock: trio.socket.SocketType) -> None:
+        self.sock = sock
+        self.sends = 0
+
+    async def connect(self, address: tuple[object, ...], /) -> None:
+        await self.sock.connect(address)
+
+    async def send(self, data: bytes, /) -> int:
+        self.sends += 1
+        return await self.sock.send(data)
+
+    async def recv(self, bufsize: int, /) -> bytes:
+        return await self.sock.recv(bufsize)
+
+    def close(self) -> None:
+        self.sock.close()
 
 
 # --- The scenario ----------------------------------------------------------------------------

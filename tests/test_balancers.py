@@ -18,6 +18,7 @@ import trio.testing
 from trio_upper.proxy import DEFAULT_ALLOW, AllowList, parse_allow_list
 from trio_upper.server import ServerConfig, UpperServer
 from trio_upper.transform import upper_bytes
+from trio_upper.udp_client import udp_ask
 
 from .conftest import PROCESS_TIMEOUT
 from .scaleout import (
@@ -174,6 +175,54 @@ async def test_a_datagram_with_nginx_s_header_is_answered_without_it(
             reply, _ = await sock.recvfrom(65536)
     assert reply == upper_bytes(payload)
     server.shutdown(grace=0)
+
+
+class NginxFront:
+    """A client's connected UDP socket to nginx in front of an instance that
+    is restarting: nginx answers the first ``failures`` datagrams with an
+    empty one at once (what nginx 1.22 does when its upstream refuses), and
+    the others with their uppercase."""
+
+    def __init__(self, failures: int) -> None:
+        self.failures = failures
+        self.sent: list[bytes] = []
+        self._replies, self._inbox = trio.open_memory_channel[bytes](10)
+
+    async def connect(self, address: tuple[object, ...], /) -> None:
+        await trio.lowlevel.checkpoint()
+
+    async def send(self, data: bytes, /) -> int:
+        await trio.lowlevel.checkpoint()
+        self.sent.append(data)
+        reply = b"" if len(self.sent) <= self.failures else upper_bytes(data)
+        self._replies.send_nowait(reply)
+        return len(data)
+
+    async def recv(self, bufsize: int, /) -> bytes:
+        return await self._inbox.receive()
+
+    def close(self) -> None:
+        pass
+
+
+async def test_the_udp_client_takes_nginx_s_empty_datagram_for_no_answer(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    sock = NginxFront(failures=2)
+    reply = await udp_ask(sock, "héllo".encode(), timeout=1.0, retries=2)
+    assert reply == "HÉLLO".encode()
+    assert sock.sent == ["héllo".encode()] * 3
+    # Only two tries failing this way: the client gives up after its retries.
+    sock = NginxFront(failures=3)
+    assert await udp_ask(sock, b"hello", timeout=1.0, retries=2) is None
+
+
+async def test_the_udp_client_takes_an_empty_reply_to_an_empty_request(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    sock = NginxFront(failures=0)
+    assert await udp_ask(sock, b"", timeout=1.0, retries=2) == b""
+    assert sock.sent == [b""]
 
 
 # --- The scenario with the real balancers ---------------------------------------------------
