@@ -20,11 +20,15 @@ from typing import Any
 
 import pytest
 
+from benchmarks.servers import nginx_stream_module
+
 ROOT = Path(__file__).resolve().parent.parent
 
 SERVERS = (
     "ours",
     "ours-ascii",
+    "ours-nginx",
+    "ours-workers2",
     "trio-tutorial",
     "asyncio-streams",
     "asyncio-protocol",
@@ -32,12 +36,21 @@ SERVERS = (
 )
 WORKLOADS = ("tcp", "pipelined", "bulk", "connect", "udp", "idle", "tcp-utf8")
 
+PEERS = SERVERS[4:]
+
 # What each server does not run: the peers only uppercase ASCII, asyncio
-# streams has no UDP, and --ascii only takes part in the UTF-8 comparison.
+# streams has no UDP, --ascii only takes part in the UTF-8 comparison, and
+# ours behind nginx or with workers runs ping-pong, connect and UDP only.
 NOT_APPLICABLE = (
     {("ours-ascii", w) for w in WORKLOADS if w not in ("tcp", "tcp-utf8")}
-    | {(peer, "tcp-utf8") for peer in SERVERS[2:]}
+    | {(peer, "tcp-utf8") for peer in PEERS}
     | {("asyncio-streams", "udp")}
+    | {
+        (ours, w)
+        for ours in ("ours-nginx", "ours-workers2")
+        for w in WORKLOADS
+        if w not in ("tcp", "connect", "udp")
+    }
 )
 
 # The quick run takes about ten seconds; this only stops a hung one.
@@ -62,6 +75,12 @@ def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     return output, result.stdout
 
 
+def nginx_stream_module_missing() -> str | None:
+    """Why the harness skips ours behind nginx here, or None if it runs it."""
+    module = nginx_stream_module()
+    return module if isinstance(module, str) else None
+
+
 def _results(output: Path) -> dict[tuple[str, str], dict[str, Any]]:
     raw = json.loads((output / "results.json").read_text())
     return {(r["server"], r["workload"]): r for r in raw["results"]}
@@ -71,11 +90,15 @@ def test_every_server_and_workload_has_a_row(quick_run: tuple[Path, str]) -> Non
     output, _ = quick_run
     results = _results(output)
     assert set(results) == {(s, w) for s in SERVERS for w in WORKLOADS}
-    have_uvloop = importlib.util.find_spec("uvloop") is not None
+    cannot_run = set()
+    if importlib.util.find_spec("uvloop") is None:
+        cannot_run.add("uvloop-protocol")
+    if nginx_stream_module_missing() is not None:
+        cannot_run.add("ours-nginx")
     for (server, workload), result in results.items():
         if (server, workload) in NOT_APPLICABLE:
             expected = "n/a"
-        elif server == "uvloop-protocol" and not have_uvloop:
+        elif server in cannot_run:
             expected = "skipped"
         else:
             expected = "ok"
@@ -102,7 +125,7 @@ def test_every_measurement_is_clean(quick_run: tuple[Path, str]) -> None:
 def test_report_is_written(quick_run: tuple[Path, str]) -> None:
     output, stdout = quick_run
     report = (output / "RESULTS.md").read_text()
-    for heading in ("Server CPU time per request", "Ratios", "Targets", "Problems"):
+    for heading in ("Server CPU time per request", "Ratios", "Targets", "Scaling out", "Problems"):
         assert heading in report
     assert "None: every reply matched" in report
     assert "quick smoke run" in report
