@@ -341,7 +341,8 @@ class Instance:
             rest = b""
             while chunk := await self.process.stdout.receive_some():
                 rest += chunk
-            self.summary = rest.decode(errors="replace").strip()
+            lines = rest.decode(errors="replace").splitlines()
+            self.summary = next((line for line in lines if line.startswith("Stopped:")), "")
         await self.process.stdout.aclose()
         logged = self.log.read_text(errors="replace").strip()
         if logged:
@@ -712,7 +713,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             counts = trio.run(partial(run_scenario, name, settings, Path(scratch), seed=args.seed))
         print(counts.line())
         for summary in counts.served:
-            print(f"  instance: {summary}")
+            print(f"  an instance: {summary}")
         for failure in counts.failures[:20]:
             print(f"!!! {name}: {failure}", file=sys.stderr)
         failed = failed or bool(counts.failures)
