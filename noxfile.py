@@ -55,8 +55,9 @@ SCALEOUT_PACKAGES = ["nginx", "libnginx-mod-stream", "haproxy"]
 
 @nox.session
 def scaleout(session: nox.Session) -> None:
-    """Three instances behind nginx and behind HAProxy (the configurations in
-    contrib/), restarted one by one under TCP and UDP load; nothing may fail.
+    """Three instances behind nginx, behind HAProxy (the configurations in
+    contrib/) and sharing a port (--reuse-port), restarted one by one under
+    TCP and UDP load; nothing may fail.
     Installs nginx and HAProxy with apt-get when run as root on Debian or
     Ubuntu (installing nginx starts Debian's own nginx service on port 80,
     as always), else skips with what to install. Arguments go to

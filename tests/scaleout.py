@@ -4,7 +4,7 @@ nginx and behind HAProxy, restarted one by one under load; nothing may fail.
 Run it from the repository root (pytest does not collect it; the nox
 session ``scaleout`` installs nginx and HAProxy where it can, then runs it)::
 
-    python -m tests.scaleout [--balancers nginx,haproxy] [--step SECONDS]
+    python -m tests.scaleout [--balancers nginx,haproxy,reuse-port] [--step SECONDS]
 
 For each balancer:
 
@@ -22,7 +22,8 @@ For each balancer:
    comes).
 4. Meanwhile the rolling restart (:func:`rolling_restart`): SIGTERM one
    instance, which must exit 0; start a new one on its port; wait until it
-   serves; the next.
+   serves; then the balancer's recovery time (:data:`CONF_RECOVERY`) and
+   more before the next.
 
 The run fails if any TCP exchange fails or comes back different, any
 datagram is still unanswered after its retries, any instance exits other
@@ -30,11 +31,13 @@ than 0 or writes anything on stderr (at the default log level anything
 there is a warning or worse: the balancer's health checks, which connect
 and reset, must not be), or the balancer dies.
 
-Three ports, not one shared with ``--reuse-port``: that is the setup across
+Three ports behind a balancer, not one shared: that is the setup across
 machines, where each instance is an address of its own, and it is the
-balancer's retry of a refused connection that the test has to show works.
-On one machine ``--reuse-port`` (or ``--workers``) restarts without a
-balancer; the README says how.
+balancer's retry of a refused connection that has to be shown to work.
+The third "balancer", ``reuse-port``, is the one-machine setup without
+one: three ``serve --reuse-port`` on one port, the clients talking to them
+directly, and each restart starting the new instance before stopping the
+old, so that the port never lacks a listener.
 """
 
 from __future__ import annotations
@@ -89,7 +92,11 @@ CONF_INSTANCE_PORTS = (12001, 12002, 12003)
 # count every instance out at once, and then it refuses clients.
 CONF_RECOVERY = 2.0
 
-BALANCERS = ("nginx", "haproxy")
+# "reuse-port" is no balancer: three instances share one port with
+# --reuse-port, and the kernel spreads the clients over them.
+BALANCERS = ("nginx", "haproxy", "reuse-port")
+# The balancers that carry UDP: HAProxy's open-source edition does not.
+WITH_UDP = ("nginx", "reuse-port")
 
 # Bounds on waits that only something broken reaches: a process that does
 # not start, a balancer that does not listen, an exchange that hangs.
@@ -223,6 +230,10 @@ def missing(balancer: str) -> str | None:
         if shutil.which("haproxy") is None:
             return "haproxy is not installed (Debian: apt-get install haproxy)"
         return None
+    if balancer == "reuse-port":
+        if not hasattr(socket, "SO_REUSEPORT") or not sys.platform.startswith("linux"):
+            return "SO_REUSEPORT spreads connections over sockets on Linux only"
+        return None
     raise ValueError(f"unknown balancer {balancer!r}")
 
 
@@ -294,18 +305,20 @@ class Instance:
         self.summary = ""
 
     @staticmethod
-    def command(port: int) -> list[str]:
+    def command(port: int, *, reuse_port: bool) -> list[str]:
         """How an instance is started: as a user would behind a balancer on
-        the same machine (which --proxy-allow-from allows by default)."""
-        serve = ["serve", "--host", "127.0.0.1", "--port", str(port), "--proxy-protocol"]
+        the same machine (which --proxy-allow-from allows by default), or
+        sharing the port with the others."""
+        serve = ["serve", "--host", "127.0.0.1", "--port", str(port)]
+        serve.append("--reuse-port" if reuse_port else "--proxy-protocol")
         return [sys.executable, "-m", "trio_upper", *serve]
 
     @classmethod
-    async def start(cls, port: int, logs: Path, generation: int) -> Instance:
-        log = logs / f"instance-{port}-{generation}.stderr"
+    async def start(cls, port: int, log: Path, *, reuse_port: bool = False) -> Instance:
+        """Start an instance; return once it serves."""
         with log.open("wb") as stderr:
             process = await trio.lowlevel.open_process(
-                cls.command(port),
+                cls.command(port, reuse_port=reuse_port),
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=stderr,
@@ -461,7 +474,7 @@ class Counts:
     def line(self) -> str:
         udp = (
             f"{self.datagrams:,} datagrams ({self.resent:,} tries sent again)"
-            if self.balancer == "nginx"
+            if self.balancer in WITH_UDP
             else "no UDP (HAProxy balances TCP only)"
         )
         return (
@@ -601,17 +614,23 @@ class Settings:
 
 
 async def rolling_restart(
-    instances: list[Instance], logs: Path, counts: Counts, step: float
+    instances: list[Instance], logs: Path, counts: Counts, step: float, *, reuse_port: bool
 ) -> None:
-    """Restart each instance in turn: SIGTERM, wait for it to exit, start a
-    new one on its port, wait until it serves; ``step`` seconds of load
-    before each."""
+    """Restart each instance in turn, ``step`` seconds of load before each
+    and after the last. Behind a balancer: SIGTERM, wait for it to exit,
+    start a new one on its port, wait until it serves. Sharing a port: the
+    new one first, then SIGTERM to the old, so the port always has a
+    listener."""
     for index, old in enumerate(instances):
         await trio.sleep(step)
+        log = logs / f"instance-{index + 1}-restarted.stderr"
+        if reuse_port:
+            instances[index] = await Instance.start(old.port, log, reuse_port=True)
         for problem in await old.stop():
             counts.fail(f"restart {index + 1}: {problem}")
         counts.served.append(old.summary)
-        instances[index] = await Instance.start(old.port, logs, index + 1)
+        if not reuse_port:
+            instances[index] = await Instance.start(old.port, log)
         counts.restarts += 1
     await trio.sleep(step)
 
@@ -627,33 +646,41 @@ async def run_scenario(
     """Three instances behind ``balancer``, load through it, a rolling
     restart of all three; the counts and the failures."""
     counts = Counts(balancer)
-    listen, *ports = free_ports(4)
-    front = Balancer.prepare(balancer, scratch, listen, ports, settings.recovery)
+    reuse_port = balancer == "reuse-port"
+    front: Balancer | None = None
+    if reuse_port:
+        listen = free_ports(1)[0]
+        ports = [listen] * 3
+    else:
+        listen, *ports = free_ports(4)
+        front = Balancer.prepare(balancer, scratch, listen, ports, settings.recovery)
     instances: list[Instance] = []
     try:
-        for port in ports:
-            instances.append(await Instance.start(port, scratch, 0))
-        await front.start(listen)
+        for index, port in enumerate(ports):
+            log = scratch / f"instance-{index + 1}.stderr"
+            instances.append(await Instance.start(port, log, reuse_port=reuse_port))
+        if front is not None:
+            await front.start(listen)
         load = Load(listen, counts, random.randrange(2**32) if seed is None else seed)
         report(
             f"{balancer}: port {listen}, instances on {', '.join(map(str, ports))}; "
             f"{settings.tcp_clients} TCP clients"
-            + (f", {settings.udp_clients} UDP clients" if balancer == "nginx" else "")
+            + (f", {settings.udp_clients} UDP clients" if balancer in WITH_UDP else "")
             + f"; restarting one instance every {settings.step:g} s"
         )
         async with trio.open_nursery() as nursery:
             for number in range(settings.tcp_clients):
                 nursery.start_soon(load.tcp_client, number)
-            if balancer == "nginx":
-                # HAProxy's open-source edition balances no UDP.
+            if balancer in WITH_UDP:
                 for number in range(settings.udp_clients):
                     nursery.start_soon(load.udp_client, number)
-            await rolling_restart(instances, scratch, counts, settings.step)
+            await rolling_restart(instances, scratch, counts, settings.step, reuse_port=reuse_port)
             load.stop()
     finally:
         with trio.CancelScope(shield=True):
-            for problem in await front.stop():
-                counts.fail(problem)
+            if front is not None:
+                for problem in await front.stop():
+                    counts.fail(problem)
             for instance in instances:
                 if instance.process.returncode is None:
                     for problem in await instance.stop():
@@ -671,7 +698,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--balancers",
         default=",".join(BALANCERS),
-        help="comma-separated, from: " + ", ".join(BALANCERS) + " (default: both)",
+        help="comma-separated, from: " + ", ".join(BALANCERS) + " (reuse-port: no balancer, "
+        "the instances share one port) (default: all)",
     )
     parser.add_argument(
         "--step",
