@@ -241,12 +241,17 @@ QUICK = {
 }
 
 
-@pytest.mark.parametrize("balancer", ["nginx", "haproxy", "reuse-port"])
+def setup(balancer: str) -> object:
+    """``balancer`` as a test parameter, skipped with the reason where it
+    cannot run."""
+    why = missing(balancer)
+    return pytest.param(balancer, marks=pytest.mark.skipif(why is not None, reason=why or ""))
+
+
+@pytest.mark.parametrize("balancer", [setup(name) for name in QUICK])
 async def test_a_rolling_restart_behind_a_balancer_fails_nothing(
     balancer: str, tmp_path: Path
 ) -> None:
-    if why := missing(balancer):
-        pytest.skip(why)
     with trio.fail_after(PROCESS_TIMEOUT * 2):
         counts = await run_scenario(
             balancer, QUICK[balancer], tmp_path, seed=1, report=lambda _: None
