@@ -24,6 +24,8 @@ class Result:
     cpu_s: float = 0.0
     cpu_source: str = ""
     cpu_us_per_request: float | None = None
+    front_cpu_us_per_request: float | None = None
+    """Through nginx: nginx's part of ``cpu_us_per_request``."""
     server_busy: float | None = None
     """Server CPU time over the window's length: 1.0 is one core, flat out."""
     loadgen_busy: float | None = None

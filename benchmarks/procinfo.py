@@ -19,6 +19,7 @@ __all__ = [
     "CpuSample",
     "allowed_cpus",
     "cpu_seconds_between",
+    "descendants",
     "pinned",
     "raise_fd_limit",
     "rss_kib",
@@ -99,6 +100,31 @@ def rss_kib(pid: int) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1])
     raise LookupError(f"no VmRSS for process {pid}")
+
+
+def descendants(pid: int) -> list[int]:
+    """The processes below ``pid`` (its children, theirs, ...), as they are
+    now: the workers of ``serve --workers``, nginx's worker. Processes that
+    end meanwhile are left out."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            text = (entry / "stat").read_text()
+        except OSError:
+            continue
+        # The parent is the second field after the command name, which is in
+        # parentheses and may hold spaces.
+        parent = int(text[text.rindex(")") + 2 :].split()[1])
+        children.setdefault(parent, []).append(int(entry.name))
+    found: list[int] = []
+    waiting = [pid]
+    while waiting:
+        below = children.get(waiting.pop(), [])
+        found += below
+        waiting += below
+    return found
 
 
 def allowed_cpus() -> list[int]:

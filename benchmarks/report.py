@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Literal
 
 from .model import Result, RunInfo
-from .servers import MALLOC_ENV
+from .servers import MALLOC_ENV, SCALE_OUT
 from .workloads import Workload
 
 # Written by hand from profiles: what stands in the way of the targets not
@@ -28,8 +28,9 @@ __all__ = ["TARGETS", "Target", "evaluate", "write_report"]
 OURS = "ours"
 OURS_ASCII = "ours-ascii"
 OURS_METRICS = "ours-metrics"
+OURS_NGINX, OURS_WORKERS = SCALE_OUT
 # Ours in another configuration: compared with ours, not as a peer.
-VARIANTS = (OURS, OURS_ASCII, OURS_METRICS)
+VARIANTS = (OURS, OURS_ASCII, OURS_METRICS, *SCALE_OUT)
 MICRO = "\N{MICRO SIGN}"
 
 
@@ -290,6 +291,9 @@ def _markdown(
         "was ready to run but another process had its CPU: on a quiet machine it is near 0.",
     ]
 
+    if OURS in servers and any(s in servers for s in SCALE_OUT):
+        out += _scale_out(found, load)
+
     if any(w.mode == "idle" for w in workloads):
         out += ["", "## Memory per idle connection", ""]
         rows = []
@@ -374,6 +378,65 @@ def _markdown(
     return "\n".join(out) + "\n"
 
 
+def _scale_out(found: dict[tuple[str, str], Result], load: Sequence[Workload]) -> list[str]:
+    """Ours behind nginx and with --workers 2, against ours alone."""
+    out = ["", "## Scaling out: through nginx, and with `--workers 2`", ""]
+    rows = []
+    for workload in load:
+        direct = found.get((OURS, workload.name))
+        nginx = found.get((OURS_NGINX, workload.name))
+        workers = found.get((OURS_WORKERS, workload.name))
+        if direct is None or (nginx is None and workers is None):
+            continue
+        if all(r is None or r.status == "n/a" for r in (nginx, workers)):
+            continue
+        row = [
+            workload.title,
+            _cell(direct, _num(direct.cpu_us_per_request)),
+            _cell(direct, f"{direct.requests_per_s:,.0f}" if direct.measured else ""),
+            _cell(direct, _num(direct.latency_us.get("p50"))),
+        ]
+        for other in (nginx, workers):
+            if other is None or not other.measured:
+                row += [_cell(other, "") if other else "-"] + [""] * (2 if other is nginx else 1)
+                continue
+            cpu = other.cpu_us_per_request
+            total = _num(cpu)
+            if other is nginx and other.front_cpu_us_per_request is not None and cpu:
+                total += f" ({_num(cpu - other.front_cpu_us_per_request)} + "
+                total += f"{_num(other.front_cpu_us_per_request)})"
+            row += [_cell(other, total), f"{other.requests_per_s:,.0f}"]
+            if other is nginx:
+                row.append(_num(other.latency_us.get("p50")))
+        rows.append(row)
+    out += _table(
+        [
+            "workload",
+            f"ours {MICRO}s/request",
+            "requests/s",
+            f"p50 {MICRO}s",
+            f"via nginx {MICRO}s/request (ours + nginx)",
+            "requests/s",
+            f"p50 {MICRO}s",
+            f"`--workers 2` {MICRO}s/request",
+            "requests/s",
+        ],
+        rows,
+    )
+    out += [
+        "",
+        "Via nginx: ours with `--proxy-protocol` behind nginx's stream proxy (the settings "
+        "of [contrib/nginx](../contrib/nginx/trio-upper.conf), one instance, one nginx "
+        "worker), both pinned to the server's CPU: the figure is both processes' CPU per "
+        "request, split in brackets, and what the proxy hop costs is the difference from "
+        "ours alone. `--workers 2`: the parent and its two workers, pinned to the same one "
+        "CPU, so this shows what a request costs with workers, not what a second core "
+        "would add: with one core for the server and one for the load generator, this "
+        "machine cannot show that.",
+    ]
+    return out
+
+
 def _chart(
     path: Path,
     results: Sequence[Result],
@@ -402,7 +465,7 @@ def _chart(
         colours: list[str] = []
         for server in servers:
             result = found.get((server, workload.name))
-            if result is None or not result.measured:
+            if result is None or not result.measured or server in SCALE_OUT:
                 continue
             value = (
                 result.kib_per_connection if workload.mode == "idle" else result.cpu_us_per_request

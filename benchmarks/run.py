@@ -269,6 +269,38 @@ def _judge(result: Result, summary: dict[str, Any], workload: Workload) -> None:
         result.problems.append("no request completed in the measured window")
 
 
+def _sample_all(processes: dict[int, str]) -> dict[int, tuple[str, CpuSample]]:
+    """The CPU time of each process of the server side so far (one that
+    ended meanwhile is left out)."""
+    samples = {}
+    for pid, role in processes.items():
+        try:
+            samples[pid] = (role, sample_cpu(pid))
+        except OSError:
+            continue
+    return samples
+
+
+def _cpu_between(
+    start: dict[int, tuple[str, CpuSample]], end: dict[int, tuple[str, CpuSample]]
+) -> tuple[dict[tuple[str, bool], float], int]:
+    """CPU seconds per (role, whether schedstat gave them) between two
+    samples of the server side, and the nanoseconds its processes waited
+    for a CPU. A process in only one sample (a worker replaced in the
+    window: none should be) is left out."""
+    cpu: dict[tuple[str, bool], float] = {}
+    waited = 0
+    for pid, (role, after) in end.items():
+        if pid not in start:
+            continue
+        before = start[pid][1]
+        seconds, source = cpu_seconds_between(before, after)
+        key = (role, source == "schedstat")
+        cpu[key] = cpu.get(key, 0.0) + seconds
+        waited += after.waited_ns - before.waited_ns
+    return cpu, waited
+
+
 def measure(server: Server, workload: Workload, setup: Setup) -> Result:
     """Run one server under one workload."""
     result = Result(server.name, workload.name, "ok")
@@ -310,16 +342,20 @@ def measure(server: Server, workload: Workload, setup: Setup) -> Result:
         warm=IDLE_WARM if workload.mode == "idle" else 0,
         cafile=cafile,
     )
-    samples: list[CpuSample] = []
+    # Per sample, each process of the server side: its role and CPU time.
+    samples: list[dict[int, tuple[str, CpuSample]]] = []
     rss: list[int] = []
     running: RunningServer | None = None
     scraper: Scraper | None = None
     summary: dict[str, Any] | None = None
     with server_log.open("wb") as slog, loadgen_log.open("wb") as llog:
         try:
-            running = RunningServer(server, port, setup.server_cpu, slog, certificates)
+            running = RunningServer(
+                server, port, setup.server_cpu, slog, setup.scratch, certificates
+            )
             running.wait_ready()
             pid = running.pid
+            server_side = running
 
             def mark(_line: str = "") -> None:
                 # The generator waits, with nothing in flight, until this
@@ -327,7 +363,7 @@ def measure(server: Server, workload: Workload, setup: Setup) -> Result:
                 if workload.mode == "idle":
                     rss.append(rss_kib(pid))
                 else:
-                    samples.append(sample_cpu(pid))
+                    samples.append(_sample_all(server_side.processes()))
 
             with contextlib.ExitStack() as scraping:
                 if running.metrics_url is not None:
@@ -360,12 +396,16 @@ def measure(server: Server, workload: Workload, setup: Setup) -> Result:
             if result.idle_connections:
                 result.kib_per_connection = (rss[1] - rss[0]) / result.idle_connections
         elif len(samples) == 2:
-            result.cpu_s, result.cpu_source = cpu_seconds_between(*samples)
+            cpu, waited = _cpu_between(*samples)
+            result.cpu_s = sum(cpu.values())
+            result.cpu_source = "schedstat" if all(precise for _, precise in cpu) else "stat"
             if result.requests:
                 result.cpu_us_per_request = result.cpu_s * 1e6 / result.requests
+                if server.front is not None:
+                    front = sum(s for (role, _), s in cpu.items() if role != "server")
+                    result.front_cpu_us_per_request = front * 1e6 / result.requests
             if result.duration_s:
                 result.server_busy = result.cpu_s / result.duration_s
-                waited = samples[1].waited_ns - samples[0].waited_ns
                 result.server_waited = waited / 1e9 / result.duration_s
                 result.loadgen_busy = float(summary.get("loadgen_cpu_s", 0)) / result.duration_s
     if result.cpu_us_per_request is None and result.kib_per_connection is None:
@@ -447,7 +487,7 @@ def _machine(fd_limit: int) -> dict[str, str]:
 
 
 def _describe(result: Result, title: str, workload: Workload) -> str:
-    head = f"{workload.name:<10} {title:<20}"
+    head = f"{workload.name:<10} {title:<24}"
     if result.status == "n/a":
         return f"{head} -"
     if result.status in ("skipped", "failed"):

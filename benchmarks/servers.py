@@ -6,9 +6,11 @@ the scripts in ``benchmarks/peers/``. All run under the harness's own Python.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -23,11 +25,12 @@ from typing import IO
 from trio_upper.transform import upper_bytes
 
 from .lines import LineReader
-from .procinfo import pinned
+from .procinfo import descendants, pinned
 from .workloads import TLS_WORKLOADS, WORKLOAD_NAMES
 
 __all__ = [
     "ROOT",
+    "SCALE_OUT",
     "Certificates",
     "RunningServer",
     "Server",
@@ -56,7 +59,16 @@ STOP_TIMEOUT = 20.0
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "1048576", "MALLOC_TRIM_THRESHOLD_": "2097152"}
 
 
+# Where Debian's libnginx-mod-stream puts nginx's TCP/UDP proxy.
+NGINX_STREAM_MODULE = Path("/usr/lib/nginx/modules/ngx_stream_module.so")
+
 ALL_WORKLOADS = frozenset(WORKLOAD_NAMES)
+# Ours scaled out: the price of the proxy hop, and of worker processes, on
+# a request on an open connection, a connection per request, and a
+# datagram. (The idle figure is one process's memory, and the others add
+# nothing to these three but minutes.)
+SCALE_OUT_WORKLOADS = frozenset({"tcp", "connect", "udp"})
+SCALE_OUT = ("ours-nginx", "ours-workers2")
 # The peers uppercase with bytes.upper(), ASCII only: on non-ASCII text they
 # would do less work than ours, not the same, so they skip that workload.
 PEER_WORKLOADS = ALL_WORKLOADS - {"tcp-utf8"}
@@ -100,6 +112,10 @@ class Server:
     tls: tuple[str, ...] = ()
     """What to add to ``argv`` for the TLS workloads; none: it takes no part
     in them."""
+    front: str | None = None
+    """``"nginx"``: the load goes through nginx's stream proxy, started
+    beside the server, which then takes the PROXY protocol on a port of its
+    own."""
 
     def takes(self, workload: str) -> bool:
         """Whether this server runs ``workload`` at all."""
@@ -111,6 +127,10 @@ class Server:
         """Why this server cannot run here, or None if it can."""
         if self.needs and importlib.util.find_spec(self.needs) is None:
             return f"{self.needs} is not installed (pip install -e '.[bench]')"
+        if self.front == "nginx":
+            module = nginx_stream_module()
+            if isinstance(module, str):
+                return module
         return None
 
     def command(self, port: int, certificates: Certificates | None = None) -> list[str]:
@@ -173,6 +193,21 @@ def servers(ours_flags: Sequence[str]) -> list[Server]:
             scrape=True,
         ),
         Server(
+            "ours-nginx",
+            "trio-upper via nginx",
+            (*ours, *ours_flags, "--proxy-protocol"),
+            upper_bytes,
+            SCALE_OUT_WORKLOADS,
+            front="nginx",
+        ),
+        Server(
+            "ours-workers2",
+            "trio-upper --workers 2",
+            (*ours, *ours_flags, "--workers", "2"),
+            upper_bytes,
+            SCALE_OUT_WORKLOADS,
+        ),
+        Server(
             "trio-tutorial",
             "trio tutorial",
             (py, f"{peers}/trio_tutorial.py", "--port", "{port}"),
@@ -206,6 +241,44 @@ def servers(ours_flags: Sequence[str]) -> list[Server]:
             tls=TLS_FLAGS,
         ),
     ]
+
+
+def nginx_stream_module() -> Path | str | None:
+    """How this machine's nginx gets its stream module: a file to load
+    (Path), built in (None), or why there is none (str)."""
+    nginx = shutil.which("nginx")
+    if nginx is None:
+        return "nginx is not installed (Debian: apt-get install nginx libnginx-mod-stream)"
+    if NGINX_STREAM_MODULE.exists():
+        return NGINX_STREAM_MODULE
+    built = subprocess.run(
+        [nginx, "-V"], capture_output=True, text=True, timeout=READY_TIMEOUT, check=False
+    ).stderr
+    if "--with-stream" in built and "--with-stream=dynamic" not in built:
+        return None
+    return "nginx has no stream module (Debian: apt-get install libnginx-mod-stream)"
+
+
+def nginx_config(scratch: Path, port: int, backend: int, log: Path) -> Path:
+    """An nginx configuration that passes TCP and UDP on ``port`` to one
+    instance on ``backend``: contrib/nginx/trio-upper.conf's settings, with
+    one instance, in the foreground."""
+    module = nginx_stream_module()
+    if isinstance(module, str):
+        raise ServerError(module)
+    path = scratch / f"nginx-{port}.conf"
+    path.write_text(
+        (f"load_module {module};\n" if module is not None else "")
+        + f"daemon off;\npid {scratch}/nginx-{port}.pid;\nerror_log {log} warn;\n"
+        "worker_processes 1;\nevents { worker_connections 4096; }\n"
+        "stream {\n"
+        f"    server {{ listen 127.0.0.1:{port}; proxy_pass 127.0.0.1:{backend};\n"
+        "             proxy_protocol on; proxy_half_close on; }\n"
+        f"    server {{ listen 127.0.0.1:{port} udp; proxy_pass 127.0.0.1:{backend};\n"
+        "             proxy_protocol on; proxy_responses 1; proxy_timeout 3s; }\n"
+        "}\n"
+    )
+    return path
 
 
 def _local_port_floor() -> int:
@@ -247,7 +320,9 @@ class ServerError(Exception):
 
 
 class RunningServer:
-    """A server process: started pinned, ready once it has printed its line."""
+    """A server process: started pinned, ready once it has printed its line.
+    With a front (nginx), that too, pinned to the same CPU: the server side
+    of the benchmark is both, on one core."""
 
     def __init__(
         self,
@@ -255,14 +330,18 @@ class RunningServer:
         port: int,
         cpu: int | None,
         log: IO[bytes],
+        scratch: Path,
         certificates: Certificates | None = None,
     ) -> None:
         self.server = server
         self.port = port
+        # Where the server itself listens: behind nginx, a port of its own.
+        self.backend_port = free_port() if server.front else port
         self._log = log
+        self.front: subprocess.Popen[bytes] | None = None
         with pinned(cpu):
             self.process = subprocess.Popen(
-                server.command(port, certificates),
+                server.command(self.backend_port, certificates),
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 # A file, not a pipe: a server that logs a lot must never
@@ -271,6 +350,18 @@ class RunningServer:
                 cwd=ROOT,
                 env={**os.environ, **MALLOC_ENV},
             )
+            if server.front == "nginx":
+                nginx = shutil.which("nginx") or "nginx"
+                log_path = Path(log.name)
+                conf = nginx_config(scratch, port, self.backend_port, log_path)
+                # -e: the log before the configuration is read.
+                self.front = subprocess.Popen(
+                    [nginx, "-p", f"{scratch}/", "-e", str(log_path), "-c", str(conf)],
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=log,
+                    cwd=ROOT,
+                )
         assert self.process.stdout is not None
         self._stdout = LineReader(self.process.stdout)
         self.ready_line = ""
@@ -293,7 +384,7 @@ class RunningServer:
                 f"{self.server.name} exited with status {self.process.returncode} "
                 "before saying it was ready"
             )
-        if f":{self.port}" not in line:
+        if f":{self.backend_port}" not in line:
             raise ServerError(f"{self.server.name}: unexpected first line {line!r}")
         self.ready_line = line
         if self.server.scrape:
@@ -301,6 +392,31 @@ class RunningServer:
             if found is None:
                 raise ServerError(f"{self.server.name}: no metrics address in {line!r}")
             self.metrics_url = found.group(1)
+        if self.front is not None:
+            self._wait_front()
+
+    def _wait_front(self) -> None:
+        """Wait until nginx takes connections on the port."""
+        assert self.front is not None
+        deadline = time.monotonic() + READY_TIMEOUT
+        while time.monotonic() < deadline:
+            if self.front.poll() is not None:
+                raise ServerError(f"nginx exited with status {self.front.returncode}")
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+            except OSError:
+                time.sleep(0.05)
+                continue
+            return
+        raise ServerError(f"nginx did not listen on port {self.port} within {READY_TIMEOUT:g} s")
+
+    def processes(self) -> dict[int, str]:
+        """Every process of the server side, and what it is: ``server`` (with
+        the workers of --workers) or ``nginx`` (its master and worker)."""
+        found = {pid: "server" for pid in [self.process.pid, *descendants(self.process.pid)]}
+        if self.front is not None:
+            found.update({pid: "nginx" for pid in [self.front.pid, *descendants(self.front.pid)]})
+        return found
 
     def stop(self) -> list[str]:
         """Stop with SIGINT, as a user would; return what went wrong, if anything."""
@@ -326,11 +442,35 @@ class RunningServer:
         if self.exit_status != 0 and not problems:
             problems.append(f"{self.server.name} exited with status {self.exit_status} on SIGINT")
         self._stdout.close()
+        if self.front is not None:
+            problems += self._stop_front()
         return problems
+
+    def _stop_front(self) -> list[str]:
+        assert self.front is not None
+        if self.front.poll() is not None:
+            return [f"nginx had exited (status {self.front.returncode}) before it was stopped"]
+        # nginx's graceful stop.
+        self.front.send_signal(signal.SIGQUIT)
+        try:
+            self.front.wait(timeout=STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            self.front.kill()
+            self.front.wait()
+            return [f"nginx did not exit within {STOP_TIMEOUT:g} s of SIGQUIT"]
+        if self.front.returncode != 0:
+            return [f"nginx exited with status {self.front.returncode} on SIGQUIT"]
+        return []
 
     def kill(self) -> None:
         """Make sure the process is gone (after an error in the harness)."""
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
+        if self.front is not None and self.front.poll() is None:
+            # nginx's worker outlives a master killed outright: it goes too.
+            for pid in descendants(self.front.pid):
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGKILL)
+        for process in (self.process, self.front):
+            if process is not None and process.poll() is None:
+                process.kill()
+                process.wait()
         self._stdout.close()

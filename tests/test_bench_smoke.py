@@ -21,12 +21,16 @@ from typing import Any
 
 import pytest
 
+from benchmarks.servers import nginx_stream_module
+
 ROOT = Path(__file__).resolve().parent.parent
 
 SERVERS = (
     "ours",
     "ours-ascii",
     "ours-metrics",
+    "ours-nginx",
+    "ours-workers2",
     "trio-tutorial",
     "asyncio-streams",
     "asyncio-protocol",
@@ -35,15 +39,24 @@ SERVERS = (
 WORKLOADS = ("tcp", "pipelined", "bulk", "connect", "udp", "idle", "tcp-utf8", "tls", "tls-bulk")
 TLS_WORKLOADS = ("tls", "tls-bulk")
 
+PEERS = ("trio-tutorial", "asyncio-streams", "asyncio-protocol", "uvloop-protocol")
+
 # What each server does not run: the peers only uppercase ASCII, asyncio
 # streams has no UDP, --ascii only takes part in the UTF-8 comparison, and
-# --metrics only in TCP ping-pong and UDP (every other server takes part in
-# the TLS workloads).
+# --metrics only in TCP ping-pong and UDP, ours behind nginx or with workers
+# in ping-pong, connect and UDP only (every other server takes part in the
+# TLS workloads).
 NOT_APPLICABLE = (
     {("ours-ascii", w) for w in WORKLOADS if w not in ("tcp", "tcp-utf8")}
     | {("ours-metrics", w) for w in WORKLOADS if w not in ("tcp", "udp")}
-    | {(peer, "tcp-utf8") for peer in SERVERS[3:]}
+    | {(peer, "tcp-utf8") for peer in PEERS}
     | {("asyncio-streams", "udp")}
+    | {
+        (ours, w)
+        for ours in ("ours-nginx", "ours-workers2")
+        for w in WORKLOADS
+        if w not in ("tcp", "connect", "udp")
+    }
 )
 
 # The quick run takes about ten seconds; this only stops a hung one, and
@@ -80,6 +93,12 @@ def tls_load_generator_builds() -> bool:
     return True
 
 
+def nginx_stream_module_missing() -> str | None:
+    """Why the harness skips ours behind nginx here, or None if it runs it."""
+    module = nginx_stream_module()
+    return module if isinstance(module, str) else None
+
+
 def _results(output: Path) -> dict[tuple[str, str], dict[str, Any]]:
     raw = json.loads((output / "results.json").read_text())
     return {(r["server"], r["workload"]): r for r in raw["results"]}
@@ -89,17 +108,18 @@ def test_every_server_and_workload_has_a_row(quick_run: tuple[Path, str]) -> Non
     output, _ = quick_run
     results = _results(output)
     assert set(results) == {(s, w) for s in SERVERS for w in WORKLOADS}
-    have_uvloop = importlib.util.find_spec("uvloop") is not None
-    have_metrics = importlib.util.find_spec("prometheus_client") is not None
+    cannot_run = set()
+    if importlib.util.find_spec("uvloop") is None:
+        cannot_run.add("uvloop-protocol")
+    if importlib.util.find_spec("prometheus_client") is None:
+        cannot_run.add("ours-metrics")
+    if nginx_stream_module_missing() is not None:
+        cannot_run.add("ours-nginx")
     have_tls = tls_load_generator_builds()
     for (server, workload), result in results.items():
         if (server, workload) in NOT_APPLICABLE:
             expected = "n/a"
-        elif (
-            (server == "uvloop-protocol" and not have_uvloop)
-            or (server == "ours-metrics" and not have_metrics)
-            or (workload in TLS_WORKLOADS and not have_tls)
-        ):
+        elif server in cannot_run or (workload in TLS_WORKLOADS and not have_tls):
             expected = "skipped"
         else:
             expected = "ok"
@@ -133,6 +153,7 @@ def test_report_is_written(quick_run: tuple[Path, str]) -> None:
         "Ratios",
         "Targets",
         "`--metrics` against none",
+        "Scaling out",
         "Problems",
     ):
         assert heading in report

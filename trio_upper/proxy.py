@@ -198,8 +198,12 @@ class ProxyListener(trio.abc.Listener[trio.abc.Stream]):
         try:
             peer = sock.getpeername()[0] if sock is not None else None
         except OSError:
-            # Gone already: whatever it is, the handler will find it broken.
-            return stream
+            # Reset before we took it (ENOTCONN), yet what it sent can still
+            # be read: HAProxy's health check sends its header and resets
+            # at once. Who sent it is unknown, so the bytes are not taken
+            # for a direct client's data: a header is required, as from a
+            # balancer, and anything else ends the connection unanswered.
+            return ProxyStream(stream)
         if peer is not None and self._allow.allows(peer):
             return ProxyStream(stream)
         return stream

@@ -23,6 +23,7 @@ blocking) rather than from bytes handed to them, and the format is short.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import struct
 from dataclasses import dataclass
@@ -136,6 +137,14 @@ def _parse_v1(data: bytes) -> ProxyHeader | None:
     )
 
 
+# How many addresses' parses to remember. A balancer's headers name the same
+# clients again and again, and ipaddress takes microseconds to parse one,
+# more than the server takes to answer a datagram. Bounded, so that a peer
+# naming ever new addresses only churns it.
+_ADDRESS_CACHE = 1024
+
+
+@functools.lru_cache(maxsize=_ADDRESS_CACHE)
 def _v1_address(text: str, version: int) -> str:
     try:
         address = ipaddress.ip_address(text)
@@ -186,7 +195,13 @@ def _parse_v2(data: bytes) -> ProxyHeader | None:
     source_port, destination_port = struct.unpack("!HH", ports)
     return ProxyHeader(
         2,
-        (str(ipaddress.ip_address(source)), source_port),
-        (str(ipaddress.ip_address(destination)), destination_port),
+        (_packed_address(source), source_port),
+        (_packed_address(destination), destination_port),
         length,
     )
+
+
+@functools.lru_cache(maxsize=_ADDRESS_CACHE)
+def _packed_address(packed: bytes) -> str:
+    """An address of 4 or 16 bytes as text."""
+    return str(ipaddress.ip_address(packed))

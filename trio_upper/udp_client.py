@@ -88,6 +88,11 @@ async def udp_ask(
     Try ``retries + 1`` times, waiting ``timeout`` seconds after the first
     send and twice as long after each retry.
 
+    An empty datagram is the reply to an empty request only: the uppercase
+    of anything else is never empty. nginx sends one when the server it
+    forwarded to did not answer (one restarting, say); it is not taken for
+    the answer, and the try waits on, then sends again.
+
     Returns:
       The reply, or None if no try got one.
 
@@ -98,7 +103,11 @@ async def udp_ask(
     for attempt in range(retries + 1):
         await sock.send(request)
         with trio.move_on_after(timeout * _BACKOFF**attempt):
-            return await sock.recv(DATAGRAM_RECEIVE_SIZE)
+            while True:
+                reply = await sock.recv(DATAGRAM_RECEIVE_SIZE)
+                if reply or not request:
+                    return reply
+                logger.debug("an empty datagram is no answer to %d bytes: ignored", len(request))
         logger.debug("no reply to try %d", attempt + 1)
     return None
 
