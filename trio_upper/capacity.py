@@ -34,6 +34,7 @@ import logging
 import trio
 
 from .errors import Episode, plural
+from .layers import StreamWrapper
 
 __all__ = ["ACCEPT_RETRY", "CapacityListener", "ConnectionSlots", "SlotStream"]
 
@@ -112,7 +113,7 @@ class ConnectionSlots:
         self.in_use -= 1
 
 
-class SlotStream(trio.abc.Stream):
+class SlotStream(StreamWrapper):
     """A connection holding one of the server's slots until it is closed.
 
     Args:
@@ -126,23 +127,13 @@ class SlotStream(trio.abc.Stream):
     """
 
     def __init__(self, transport_stream: trio.abc.Stream, slots: ConnectionSlots) -> None:
-        self.transport_stream = transport_stream
+        super().__init__(transport_stream)
         self._slots: ConnectionSlots | None = slots
         # Every request passes through these: bound here, to the transport's
-        # own methods, they cost no coroutine of ours, which a delegating
-        # method would add to each receive and each send. The methods below
-        # say what they are, for the type and for a reader.
+        # own methods, they cost no coroutine of ours, which the delegating
+        # methods of StreamWrapper would add to each receive and each send.
         self.receive_some = transport_stream.receive_some  # type: ignore[method-assign]
         self.send_all = transport_stream.send_all  # type: ignore[method-assign]
-
-    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
-        return await self.transport_stream.receive_some(max_bytes)
-
-    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        await self.transport_stream.send_all(data)
-
-    async def wait_send_all_might_not_block(self) -> None:
-        await self.transport_stream.wait_send_all_might_not_block()
 
     async def aclose(self) -> None:
         if self._slots is not None:

@@ -22,8 +22,8 @@ from typing import Any
 
 import trio
 
+from .layers import StreamWrapper, socket_of
 from .proxyproto import V2_SIGNATURE, ProxyHeader, ProxyProtocolError, parse
-from .tcp import socket_of
 
 __all__ = [
     "DEFAULT_ALLOW",
@@ -108,7 +108,7 @@ def strip_datagram(data: bytes) -> tuple[ProxyHeader | None, bytes] | None:
     return header, data[header.length :]
 
 
-class ProxyStream(trio.abc.Stream):
+class ProxyStream(StreamWrapper):
     """A connection that begins with a PROXY protocol header; the first
     :meth:`receive_some` reads it (and no further) and returns the data
     after it.
@@ -125,7 +125,7 @@ class ProxyStream(trio.abc.Stream):
     """
 
     def __init__(self, transport_stream: trio.abc.Stream) -> None:
-        self.transport_stream = transport_stream
+        super().__init__(transport_stream)
         self.peer_address: tuple[str, int] | None = None
         self._header_read = False
         self._pending = b""
@@ -165,15 +165,6 @@ class ProxyStream(trio.abc.Stream):
         self._header_read = True
         self.peer_address = header.source
         self._pending = buffer[header.length :]
-
-    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        await self.transport_stream.send_all(data)
-
-    async def wait_send_all_might_not_block(self) -> None:
-        await self.transport_stream.wait_send_all_might_not_block()
-
-    async def aclose(self) -> None:
-        await self.transport_stream.aclose()
 
 
 class ProxyListener(trio.abc.Listener[trio.abc.Stream]):

@@ -43,10 +43,11 @@ from . import metrics
 from .capacity import CapacityListener, ConnectionSlots
 from .errors import UserError, host_port
 from .fastsocket import FastSocketListener
+from .layers import socket_of, socket_owner
 from .proxy import AllowList, ProxyListener
 from .ratelimit import DEFAULT_RATE, ReplyRateLimiter
 from .systemd import ListenFd
-from .tcp import TcpCounts, handle_stream, socket_of, socket_owner
+from .tcp import TcpCounts, handle_stream
 from .udp import DatagramSocket, UdpCounts, UdpSocket, serve_udp
 
 __all__ = [

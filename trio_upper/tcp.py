@@ -12,24 +12,16 @@ from __future__ import annotations
 import logging
 import math
 import ssl
-from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Protocol
 
 import trio
 
 from .errors import host_port
+from .layers import peer_address, socket_of
 from .tls import describe_tls_error
 from .transform import Uppercaser
 
-__all__ = [
-    "TcpCounts",
-    "describe_peer",
-    "handle_stream",
-    "peer_address",
-    "socket_of",
-    "socket_owner",
-]
+__all__ = ["TcpCounts", "describe_peer", "handle_stream"]
 
 logger = logging.getLogger("trio_upper.tcp")
 
@@ -61,68 +53,6 @@ class TcpCounts:
     tls_failed: int = 0  # the TLS handshake failed
     cut_off: int = 0  # still open at the end of the grace period
     internal_errors: int = 0  # a bug in trio-upper (logged as an error)
-
-
-class SocketLike(Protocol):
-    """What the server asks of the socket beneath a stream or a listener:
-    its addresses. A :mod:`socket` socket and a :mod:`trio.socket` socket
-    both have them."""
-
-    def getsockname(self) -> Any: ...
-    def getpeername(self) -> Any: ...
-
-
-def _layers(resource: object) -> Iterator[object]:
-    """``resource`` and what it wraps, outermost first, following trio's
-    convention: a wrapper names what it wraps ``transport_stream`` or
-    ``transport_listener`` (:class:`trio.SSLStream`, :class:`trio.SSLListener`,
-    and ours: :class:`~trio_upper.capacity.SlotStream`,
-    :class:`~trio_upper.proxy.ProxyStream`, ...)."""
-    while resource is not None:
-        yield resource
-        resource = getattr(resource, "transport_stream", None) or getattr(
-            resource, "transport_listener", None
-        )
-
-
-def socket_of(resource: object) -> SocketLike | None:
-    """The socket beneath a stream or listener, through any wrappers; None
-    if there is none (an in-memory stream).
-
-    A socket stream or listener has a ``socket`` attribute
-    (:class:`trio.SocketStream`,
-    :class:`~trio_upper.fastsocket.FastSocketStream` and their listeners).
-    """
-    owner = socket_owner(resource)
-    sock: SocketLike | None = getattr(owner, "socket", None)
-    return sock
-
-
-def socket_owner(resource: object) -> object | None:
-    """The layer beneath a stream or listener that holds its socket: what
-    :func:`socket_of` gets the socket from."""
-    for layer in _layers(resource):
-        if getattr(layer, "socket", None) is not None:
-            return layer
-    return None
-
-
-def peer_address(stream: trio.abc.Stream) -> tuple[str, int] | None:
-    """The other end of ``stream``: the client a PROXY protocol header named
-    (a layer's ``peer_address``), else the socket's peer; None if there is
-    no socket, or it is no longer connected."""
-    for layer in _layers(stream):
-        address: tuple[str, int] | None = getattr(layer, "peer_address", None)
-        if address is not None:
-            return address
-        sock: SocketLike | None = getattr(layer, "socket", None)
-        if sock is not None:
-            try:
-                peer = sock.getpeername()
-            except OSError:
-                return None
-            return peer[0], peer[1]
-    return None
 
 
 def describe_peer(stream: trio.abc.Stream) -> str:

@@ -26,6 +26,7 @@ from collections.abc import Awaitable, Callable
 import trio
 
 from .errors import UserError, bare_user_error, os_reason, plural
+from .layers import StreamWrapper
 from .stdio import LineSource
 from .tls import describe_tls_error
 from .transform import Uppercaser
@@ -128,7 +129,7 @@ class _EchoedHello(Exception):
     """The server sent our ClientHello back."""
 
 
-class _EchoGuard(trio.abc.Stream):
+class _EchoGuard(StreamWrapper):
     """The TCP stream beneath a TLS client, watching the server's first bytes.
 
     A server that does not speak TLS but answers every byte (trio-upper
@@ -143,8 +144,7 @@ class _EchoGuard(trio.abc.Stream):
     """
 
     def __init__(self, transport_stream: trio.abc.Stream) -> None:
-        # Named as trio names what a wrapper wraps (see tcp.socket_of).
-        self.transport_stream = transport_stream
+        super().__init__(transport_stream)
         self._head = b""
         self._checked = False
 
@@ -157,15 +157,6 @@ class _EchoGuard(trio.abc.Stream):
                 if self._head[:1] == b"\x16" and self._head[5:6] == b"\x01":
                     raise _EchoedHello
         return data
-
-    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        await self.transport_stream.send_all(data)
-
-    async def wait_send_all_might_not_block(self) -> None:
-        await self.transport_stream.wait_send_all_might_not_block()
-
-    async def aclose(self) -> None:
-        await self.transport_stream.aclose()
 
 
 class _LineCount:
