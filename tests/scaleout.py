@@ -58,6 +58,7 @@ from pathlib import Path
 
 import trio
 
+from benchmarks.servers import free_port
 from trio_upper.transform import upper_bytes
 from trio_upper.udp_client import udp_ask
 
@@ -237,43 +238,18 @@ def missing(balancer: str) -> str | None:
     raise ValueError(f"unknown balancer {balancer!r}")
 
 
-def _local_port_floor() -> int:
-    try:
-        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        return 32768
-
-
 def free_ports(count: int) -> list[int]:
-    """``count`` ports free on 127.0.0.1 for both TCP and UDP.
-
-    Taken below the ephemeral range where there is room: a restarted
-    instance's port is free for a moment, and the balancer's own outgoing
-    connections (from ephemeral ports) must not take it.
-    """
-    floor = _local_port_floor()
-    rng = random.Random()
+    """``count`` different ports free on 127.0.0.1 for both TCP and UDP,
+    below the ephemeral range where there is room (see the benchmarks'
+    free_port): a restarted instance's port is free for a moment, and the
+    balancer's own outgoing connections must not take it."""
     ports: list[int] = []
     for _ in range(count * 50):
         if len(ports) == count:
-            break
-        port = rng.randrange(10_000, floor) if floor > 11_000 else 0
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
-            try:
-                tcp.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            port = tcp.getsockname()[1]
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
-                try:
-                    udp.bind(("127.0.0.1", port))
-                except OSError:
-                    continue
-        if port not in ports:
+            return ports
+        if (port := free_port()) not in ports:
             ports.append(port)
-    if len(ports) < count:
-        raise OSError("found no ports free for both TCP and UDP on 127.0.0.1")
-    return ports
+    raise OSError("found no ports free for both TCP and UDP on 127.0.0.1")
 
 
 # --- Processes ------------------------------------------------------------------------------
