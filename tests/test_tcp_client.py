@@ -16,43 +16,10 @@ from trio_upper.tcp import handle_stream
 from trio_upper.tcp_client import MAX_PENDING_REPLY, connect_tcp, tcp_interactive, tcp_stream
 from trio_upper.transform import upper_bytes
 
-from .client_io import collector, line_source
+from .client_io import BytesSource, Collector, collector, line_source
 from .helpers import receive_until_eof
 
 # --- Helpers ------------------------------------------------------------------
-
-
-class BytesSource(trio.abc.ReceiveStream):
-    """A ReceiveStream that returns the given chunks, then end of stream."""
-
-    def __init__(self, *chunks: bytes) -> None:
-        self.chunks = list(chunks)
-
-    async def receive_some(self, max_bytes: int | None = None) -> bytes:
-        await trio.lowlevel.checkpoint()
-        return self.chunks.pop(0) if self.chunks else b""
-
-    async def aclose(self) -> None:
-        await trio.lowlevel.checkpoint()
-
-
-class Collector(trio.abc.SendStream):
-    """A SendStream that keeps everything sent to it."""
-
-    def __init__(self) -> None:
-        self.data = bytearray()
-        self.closed = False
-
-    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        await trio.lowlevel.checkpoint()
-        self.data += data
-
-    async def wait_send_all_might_not_block(self) -> None:
-        await trio.lowlevel.checkpoint()
-
-    async def aclose(self) -> None:
-        self.closed = True
-        await trio.lowlevel.checkpoint()
 
 
 def unresponsive(seconds: str) -> str:

@@ -30,7 +30,7 @@ from trio_upper.tcp_client import _ReplyCheck, connect_tcp, tcp_interactive, tcp
 from trio_upper.tls import client_context, server_context
 from trio_upper.transform import upper_bytes
 
-from .client_io import collector, line_source
+from .client_io import BytesSource, Collector, collector, line_source
 from .helpers import Listener, receive_exactly, receive_until_eof
 from .tls_certs import Certs, make_certs
 
@@ -81,37 +81,6 @@ async def start(nursery: trio.Nursery) -> AsyncIterator[Start]:
     yield start
     for server in started:
         server.shutdown(grace=0)
-
-
-class BytesSource(trio.abc.ReceiveStream):
-    """Stdin for tcp_stream: the given chunks, then end of stream."""
-
-    def __init__(self, *chunks: bytes) -> None:
-        self.chunks = [chunk for chunk in chunks if chunk]
-
-    async def receive_some(self, max_bytes: int | None = None) -> bytes:
-        await trio.lowlevel.checkpoint()
-        return self.chunks.pop(0) if self.chunks else b""
-
-    async def aclose(self) -> None:
-        await trio.lowlevel.checkpoint()
-
-
-class Sink(trio.abc.SendStream):
-    """Stdout for tcp_stream: keeps everything."""
-
-    def __init__(self) -> None:
-        self.data = bytearray()
-
-    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        await trio.lowlevel.checkpoint()
-        self.data += data
-
-    async def wait_send_all_might_not_block(self) -> None:
-        await trio.lowlevel.checkpoint()
-
-    async def aclose(self) -> None:
-        await trio.lowlevel.checkpoint()
 
 
 def tls_failures(caplog: pytest.LogCaptureFixture) -> list[str]:
@@ -167,7 +136,7 @@ async def test_pipe_over_tls_gets_every_byte_and_ends(
 ) -> None:
     _, port = await start(tls_config(certs, ascii_only=ascii_only))
     stream = await connect_tcp("localhost", port, timeout=HANG_GUARD, tls=trusting(certs))
-    sink = Sink()
+    sink = Collector()
     # Cut into pieces that split characters, as stdin may.
     chunks = [data[i : i + 7] for i in range(0, min(len(data), 70), 7)] + [data[70:]]
     with trio.fail_after(HANG_GUARD):
@@ -210,7 +179,7 @@ async def test_mutual_tls_serves_a_client_with_a_trusted_certificate(
     stream = await connect_tcp(
         "localhost", port, timeout=HANG_GUARD, tls=trusting(certs, certs.client)
     )
-    sink = Sink()
+    sink = Collector()
     with trio.fail_after(HANG_GUARD):
         await tcp_stream(stream, BytesSource(LINES), sink, timeout=HANG_GUARD)
     assert bytes(sink.data) == LINES.upper()
@@ -229,7 +198,7 @@ async def test_mutual_tls_refuses_a_client_without_a_trusted_certificate(
     # the connection.
     stream = await connect_tcp("localhost", port, timeout=HANG_GUARD, tls=trusting(certs, cert))
     with trio.fail_after(HANG_GUARD), pytest.raises(UserError) as raised:
-        await tcp_stream(stream, BytesSource(LINES), Sink(), timeout=HANG_GUARD)
+        await tcp_stream(stream, BytesSource(LINES), Collector(), timeout=HANG_GUARD)
     message = str(raised.value)
     assert "client certificate" in message
     assert "\n" not in message
@@ -357,7 +326,7 @@ async def test_plain_pipe_client_on_the_tls_port_is_told_to_use_tls(
     stream = await connect_tcp("127.0.0.1", port, timeout=HANG_GUARD)
     data = (b"hello\n" * (size // 6 + 1))[:size]
     with trio.fail_after(HANG_GUARD), pytest.raises(UserError) as raised:
-        await tcp_stream(stream, BytesSource(data), Sink(), timeout=HANG_GUARD)
+        await tcp_stream(stream, BytesSource(data), Collector(), timeout=HANG_GUARD)
     assert str(raised.value).endswith(" answered (if it serves TLS, use --tls)")
 
 
@@ -451,7 +420,7 @@ async def test_pipe_over_tls_rejects_a_reply_that_is_not_the_uppercase(
 ) -> None:
     client, server = memory_tls_pair(certs)
     nursery.start_soon(reply_with, server, bytes.lower)
-    sink = Sink()
+    sink = Collector()
     with pytest.raises(UserError, match=r"^the server's reply is not the uppercase of what"):
         await tcp_stream(client, BytesSource(b"Hello\n"), sink, timeout=5)
     # What came is written before the error, as for any other.
@@ -469,7 +438,7 @@ async def test_pipe_over_tls_times_out_on_a_server_that_stops_replying(
         await trio.sleep_forever()
 
     nursery.start_soon(half_then_silence)
-    sink = Sink()
+    sink = Collector()
     with pytest.raises(UserError, match=r"did not respond within 5 s"):
         await tcp_stream(client, BytesSource(b"hello\n"), sink, timeout=5)
     assert bytes(sink.data) == b"HEL"
@@ -480,7 +449,7 @@ async def test_pipe_over_tls_reports_a_server_that_closes_early(
 ) -> None:
     client, server = memory_tls_pair(certs)
     nursery.start_soon(partial_reply, server)
-    sink = Sink()
+    sink = Collector()
     with pytest.raises(UserError, match=r"^the server closed the connection early; 1 of 2 lines"):
         await tcp_stream(client, BytesSource(b"one\ntwo\n"), sink, timeout=5)
     assert bytes(sink.data) == b"ONE\n"
@@ -499,7 +468,7 @@ async def test_pipe_over_tls_in_memory_with_the_real_handler(
 ) -> None:
     client, server = memory_tls_pair(certs)
     nursery.start_soon(partial(handle_stream, server, ascii_only=ascii_only))
-    sink = Sink()
+    sink = Collector()
     await tcp_stream(client, BytesSource(*AWKWARD.split(b" ")), sink, timeout=5)
     # split() dropped the spaces; what was sent is what is compared.
     sent = b"".join(AWKWARD.split(b" "))
