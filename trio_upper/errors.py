@@ -120,11 +120,6 @@ class Episode:
         self._logged = False
         self._last_logged = -math.inf
 
-    @property
-    def ongoing(self) -> bool:
-        """Whether a run has begun and not ended."""
-        return self._since is not None
-
     def failing(self, message: str) -> None:
         """Note a failure: the first of a run, or one more while it lasts.
 

@@ -32,7 +32,7 @@ import logging
 import math
 import socket
 import ssl
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, NamedTuple
@@ -278,15 +278,23 @@ async def _bind_metrics(config: ServerConfig, bound: Bound) -> None:
         return
     host, port = config.metrics
     try:
-        bound.metrics = await _take_over(await trio.open_tcp_listeners(port, host=host))
-    except BaseException as exc:
+        with _bind_errors("serve metrics", host, port):
+            bound.metrics = await _take_over(await trio.open_tcp_listeners(port, host=host))
+    except BaseException:
         await bound.aclose()
-        if isinstance(exc, (socket.gaierror, UnicodeError)):
-            raise UserError.unresolvable(host, exc) from exc
-        if isinstance(exc, OSError):
-            reason = exc.strerror or str(exc)
-            raise UserError(f"cannot serve metrics on {_where(host, port)}: {reason}") from exc
         raise
+
+
+@contextlib.contextmanager
+def _bind_errors(what: str, host: str | None, port: int) -> Iterator[None]:
+    """A failure to bind as the one line a user can act on."""
+    try:
+        yield
+    except (socket.gaierror, UnicodeError) as exc:
+        raise UserError.unresolvable(host, exc) from exc
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise UserError(f"cannot {what} on {_where(host, port)}: {reason}") from exc
 
 
 def adopt(inherited: Sequence[ListenFd], config: ServerConfig) -> Bound:
@@ -393,7 +401,7 @@ async def bind(config: ServerConfig) -> Bound:
 
 
 async def _bind_uppercase(config: ServerConfig) -> Bound:
-    try:
+    with _bind_errors("serve", config.host, config.port):
         if config.port != 0:
             return await _bind_at(config, config.port)
         for _ in range(_PORT_ZERO_ATTEMPTS):
@@ -403,11 +411,6 @@ async def _bind_uppercase(config: ServerConfig) -> Bound:
                 if exc.errno != errno.EADDRINUSE:
                     raise
         raise OSError(errno.EADDRINUSE, "no port was free on both TCP and UDP")
-    except (socket.gaierror, UnicodeError) as exc:
-        raise UserError.unresolvable(config.host, exc) from exc
-    except OSError as exc:
-        reason = exc.strerror or str(exc)
-        raise UserError(f"cannot serve on {_where(config.host, config.port)}: {reason}") from exc
 
 
 class _DrainOnClose(trio.abc.Listener[trio.abc.Stream]):

@@ -240,10 +240,6 @@ class Supervisor:
         """True once :meth:`stop` has been called."""
         return self._stopping
 
-    @property
-    def worker_pids(self) -> list[int]:
-        return [process.pid for process in self._processes.values()]
-
     async def _keep_running(self, number: int) -> None:
         backoff = _FIRST_BACKOFF
         while not self._stopping:
